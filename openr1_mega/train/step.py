@@ -1,0 +1,155 @@
+"""One optimizer step on a Megatron-Core model, shared by SFT and GRPO.
+
+    zero grads -> forward/backward over micro-batches (Megatron's pipeline schedule; works
+    for PP = 1 and PP > 1) -> finalize grads (DP all-reduce, tied embeddings across PP,
+    sequence-parallel norms) -> clip the global grad norm -> set the LR -> optimizer step
+
+Loss scaling: callers' loss functions return a micro-batch loss already divided by the
+*global* denominator (tokens or sequences of the whole step, see rl/losses.py). Megatron
+divides each micro-batch loss by the number of micro-batches and DDP averages gradients
+over data-parallel ranks, so `scaled_loss` multiplies both back: the summed gradient is
+then exactly the full-batch gradient, whatever the micro-batch split or DP size.
+
+Megatron's schedules name the "cuda" device for bookkeeping tensors; on CPU they run
+inside `parallel.cpu_device.cuda_as_cpu()`. Optimizer: on GPU, Megatron's distributed
+optimizer (sharded Adam states). On CPU, Megatron's optimizers insist on CUDA tensor types
+(gradient clipping asserts them), so `CpuAdamW` steps torch's AdamW on the fp32 gradients
+that Megatron's DDP accumulates (`param.main_grad`), with the global norm computed across
+model-parallel ranks the way Megatron does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+
+from openr1_mega.config.train import OptimConfig
+from openr1_mega.parallel.cpu_device import cuda_as_cpu
+
+
+def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """Megatron DDP: fp32 gradient buffers and the data-parallel all-reduce."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=torch.cuda.is_available())
+    wrapped = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = wrapped.no_sync
+    return wrapped
+
+
+def cosine_lr(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at total_steps."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(total_steps - optim.warmup_steps, 1)
+    progress = min((step - optim.warmup_steps) / span, 1.0)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class CpuAdamW:
+    """AdamW over DDP's fp32 main grads, with Megatron-style global-norm clipping (CPU)."""
+
+    def __init__(self, model: DistributedDataParallel, optim: OptimConfig):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optim = optim
+        self.inner = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                       betas=(optim.adam_beta1, optim.adam_beta2),
+                                       eps=optim.adam_eps)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> tuple[bool, float, None]:
+        """Clip and step; returns Megatron's (update_successful, grad_norm, num_zeros)."""
+        for p in self.params:
+            p.grad = p.main_grad.to(p.dtype)
+        norm = global_grad_norm(self.params)
+        if self.optim.clip_grad and norm > self.optim.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.optim.clip_grad / (norm + 1e-6))
+        self.inner.step()
+        return True, norm, None
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """L2 norm of all gradients across TP/PP (dense) and EP (experts), each counted once."""
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None or not (param_is_not_shared(p) and
+                                  param_is_not_tensor_parallel_duplicate(p)):
+            continue
+        sq = p.grad.double().pow(2).sum()
+        if getattr(p, "allreduce", True):
+            dense += sq
+        else:
+            expert += sq
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())
+        torch.distributed.all_reduce(
+            expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return math.sqrt(float(dense + expert))
+
+
+def build_optimizer(model: DistributedDataParallel, optim: OptimConfig):
+    """Megatron's distributed optimizer on GPU; CpuAdamW on CPU."""
+    if not torch.cuda.is_available():
+        return CpuAdamW(model, optim)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = model.config
+    return get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16,
+        params_dtype=config.params_dtype, use_distributed_optimizer=True), [model])
+
+
+def scaled_loss(loss: torch.Tensor, num_microbatches: int) -> torch.Tensor:
+    """Undo Megatron's 1/num_microbatches and DDP's 1/(DP x CP) averaging (module docstring)."""
+    dp_cp = ps.get_data_parallel_world_size(with_context_parallel=True)
+    return loss * (num_microbatches * dp_cp)
+
+
+def train_step(model: DistributedDataParallel, optimizer, micro_batches: list,
+               forward_step: Callable, seq_length: int, lr: float) -> dict[str, float]:
+    """Run forward/backward over `micro_batches`, clip, and step. Returns step metrics.
+
+    `forward_step(batch, model) -> (output, loss_func)` is Megatron's forward-step
+    contract; its loss_func returns (scaled_loss(...), metrics dict of 0-d tensors).
+    """
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with cuda_as_cpu():
+        reduced = get_forward_backward_func()(
+            forward_step_func=lambda it, m: forward_step(next(it), m),
+            data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=1,
+            forward_only=False)
+    _, grad_norm, _ = optimizer.step()
+    metrics = {"grad_norm": float(grad_norm), "lr": lr}
+    for key in (reduced[0] if reduced else {}):
+        metrics[key] = float(sum(r[key] for r in reduced))
+    return metrics
