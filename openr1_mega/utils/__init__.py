@@ -1,0 +1,1 @@
+"""Utilities: metric logging (TensorBoard, JSONL, W&B) and plots."""
