@@ -29,7 +29,7 @@ class SamplingConfig:
     n: int = 8
     """Completions per prompt (the GRPO group size G)."""
     temperature: float = 1.0
-    """Sampling temperature; the trainer's log-probs must use the same value."""
+    """Sampling temperature (0 = greedy); the trainer's log-probs must use the same value."""
     top_p: float = 1.0
     max_tokens: int = 256
     """Maximum completion length in tokens; longer completions are truncated."""
@@ -40,8 +40,9 @@ class SamplingConfig:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:

@@ -1,0 +1,203 @@
+"""The pieces a training loop assembles around its policy: model, optimizer, engine, data.
+
+Kept out of the loops so grpo.py and sft.py read top to bottom. Every function here is
+one phase of set-up or one collective exchange, named for what it does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from openr1_mega.checkpoint import dist as dist_ckpt
+from openr1_mega.checkpoint.hf import export_hf, iter_hf_tensors, load_hf_weights
+from openr1_mega.data.prompts import load_rows, tokenize_prompts
+from openr1_mega.models.build import build_model
+from openr1_mega.parallel.init import initialize
+from openr1_mega.rl.rollout import Completion, EngineConfig, RolloutEngine, SamplingConfig
+from openr1_mega.train.step import build_optimizer, wrap_ddp
+
+
+@dataclass
+class Context:
+    """What a loop holds for its whole run."""
+
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: object
+    tokenizer: object
+    vocab_size: int
+    pad_id: int
+    is_rank0: bool
+    model_dir: Path
+
+
+@dataclass
+class PromptRows:
+    train: list[dict]
+    eval: list[dict]
+
+
+def setup(recipe, kind: str) -> Context:
+    """Process groups, tokenizer, the policy (HF weights loaded), DDP and optimizer."""
+    from transformers import AutoTokenizer
+
+    initialize(recipe.parallel, seed=recipe.run.seed)
+    model_dir = Path(recipe.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = build_model(model_dir, recipe.parallel, recipe.model, recipe.precision)
+    load_hf_weights(model, model_dir)
+    ddp = wrap_ddp(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Context(model=model, ddp=ddp, optimizer=build_optimizer(ddp, recipe.optim),
+                   tokenizer=tokenizer, vocab_size=_hf_vocab_size(model_dir), pad_id=pad,
+                   is_rank0=dist.get_rank() == 0, model_dir=model_dir)
+
+
+def reference_model(recipe) -> torch.nn.Module:
+    """A frozen copy of the initial policy (for the KL term)."""
+    model = build_model(Path(recipe.model.path), recipe.parallel, recipe.model, recipe.precision)
+    load_hf_weights(model, Path(recipe.model.path))
+    return model.eval().requires_grad_(False)
+
+
+def prompt_rows(recipe, tokenizer) -> PromptRows:
+    """Train and held-out prompts, tokenised with the chat template."""
+    data, seed = recipe.data, recipe.run.seed
+    fields = (data.problem_field, data.answer_field)
+    train = load_rows(data.source, "train", data.num_train, seed, required=fields)
+    if data.eval_source is not None:
+        held_out = load_rows(data.eval_source, "test", data.num_eval, seed, required=fields)
+    elif data.source.startswith("task:"):
+        held_out = load_rows(data.source, "test", data.num_eval, seed, required=fields)
+    else:
+        held_out = []
+    train, _ = tokenize_prompts(train, tokenizer, data.problem_field, data.system_prompt,
+                                data.max_prompt_tokens)
+    held_out, _ = tokenize_prompts(held_out, tokenizer, data.problem_field, data.system_prompt,
+                                   data.max_prompt_tokens)
+    if not train:
+        raise ValueError(f"data.source={data.source!r}: no prompt fits "
+                         f"data.max_prompt_tokens={data.max_prompt_tokens}")
+    return PromptRows(train, held_out)
+
+
+def prompts_for_step(rows: list[dict], step: int, count: int, seed: int) -> list[dict]:
+    """The prompts of `step`: an epoch-wise shuffle fixed by (seed, epoch), so a resumed
+    run sees exactly the prompts the uninterrupted run saw."""
+    out = []
+    for k in range(step * count, (step + 1) * count):
+        epoch, offset = divmod(k, len(rows))
+        order = list(range(len(rows)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        out.append(rows[order[offset]])
+    return out
+
+
+def reward_set(grpo):
+    from openr1_mega.rl.rewards import RewardSet
+
+    return RewardSet.from_spec(grpo.rewards, params=grpo.reward_params)
+
+
+def start_engine(ctx: Context, recipe) -> RolloutEngine | None:
+    """Rank 0's vLLM engine, started from the model directory, then synced with the policy
+    (which differs from the directory after a resume)."""
+    engine = None
+    if ctx.is_rank0:
+        r = recipe.rollout
+        engine = RolloutEngine(ctx.model_dir, EngineConfig(
+            dtype=r.dtype, kv_cache_bytes=r.kv_cache_bytes,
+            gpu_memory_utilization=r.gpu_memory_utilization, seed=recipe.run.seed))
+    sync_engine(ctx, engine)
+    return engine
+
+
+def sync_engine(ctx: Context, engine: RolloutEngine | None) -> float:
+    """Stream the policy's weights into rank 0's engine (all ranks join the gather)."""
+    from openr1_mega.rl.weight_sync import sync_weights
+
+    tensors = iter_hf_tensors(ctx.model)
+    if engine is None:
+        for _ in tensors:
+            pass
+        return 0.0
+    return sync_weights(engine, tensors).seconds
+
+
+def sampling(r, seed: int, n: int | None = None) -> SamplingConfig:
+    return SamplingConfig(n=n or r.group_size, temperature=r.temperature, top_p=r.top_p,
+                          max_tokens=r.max_tokens, stop=tuple(r.stop), seed=seed)
+
+
+def rollout_and_score(ctx: Context, engine, rewards, prompts: list[dict], r, data, step: int,
+                      seed: int) -> tuple[list[Completion], torch.Tensor, dict]:
+    """Rank 0 samples and scores; every rank receives (completions, totals [B], metrics)."""
+    payload = [None]
+    if ctx.is_rank0:
+        completions = engine.generate([p["prompt_ids"] for p in prompts], sampling(r, seed),
+                                      step=step)
+        columns = {k: [prompts[c.prompt_index][k] for c in completions]
+                   for k in prompts[0] if k != "prompt_ids"}
+        columns["completion_lengths"] = [len(c.completion_ids) for c in completions]
+        columns["truncated"] = [c.truncated for c in completions]
+        totals, metrics = rewards([c.text for c in completions], **columns)
+        payload = [(completions, totals, metrics)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    completions, totals, metrics = payload[0]
+    return completions, torch.tensor(totals, dtype=torch.float32), metrics
+
+
+def data_parallel_share(count: int) -> list[int]:
+    """Indices of the completions this data-parallel rank trains on (round robin)."""
+    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return list(range(rank, count, size))
+
+
+def save(ctx: Context, run, step: int) -> Path:
+    """Atomic dist-checkpoint of model + optimizer + the loop's position."""
+    path = Path(run.output_dir) / "checkpoints" / f"step_{step:06d}"
+    dist_ckpt.save(ctx.model, ctx.optimizer, {"step": step, "rng": torch.get_rng_state()}, path)
+    return path
+
+
+def resume(ctx: Context, run) -> int:
+    """Load the newest checkpoint under run.output_dir; returns the step to continue from."""
+    root = Path(run.output_dir) / "checkpoints"
+    done = sorted(root.glob("step_*")) if root.exists() else []
+    if not done:
+        raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+    extra = dist_ckpt.load(ctx.model, ctx.optimizer, done[-1])
+    torch.set_rng_state(extra["rng"])
+    return int(extra["step"])
+
+
+def finish(ctx: Context, run, step: int, logger) -> None:
+    """Final checkpoint, HF export (model + tokenizer) and the metrics plot."""
+    save(ctx, run, step)
+    if run.export_hf:
+        export_hf(ctx.model, ctx.model_dir, Path(run.output_dir) / "hf")
+    if ctx.is_rank0:
+        from openr1_mega.utils.logging import plot_metrics, read_metrics
+
+        if logger.path.exists():
+            plot_metrics(read_metrics(logger.path),
+                         ["reward/total", "eval/accuracy", "completion_length/mean", "loss"],
+                         Path(run.output_dir) / "metrics.png")
+    logger.close()
+
+
+def write_recipe(out_dir: str, recipe: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2))
+
+
+def _hf_vocab_size(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
