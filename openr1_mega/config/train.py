@@ -150,3 +150,35 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.log_every < 1:
             raise ValueError("run.save_every must be >= 0 and run.log_every >= 1")
+
+
+@dataclass
+class SftConfig:
+    """The `sft:` section: supervised fine-tuning on conversations (assistant-only loss)."""
+
+    source: str = "task:arithmetic"
+    """`task:<name>` (conversations from the solver's traces), a .jsonl file or an HF
+    dataset directory whose rows hold a `messages_field` conversation."""
+    messages_field: str = "messages"
+    num_train: int = 4000
+    """Rows generated for a built-in task (ignored for files)."""
+    eval_fraction: float = 0.05
+    """Share of rows held out for the eval loss (0 disables it)."""
+    seq_length: int = 512
+    """Packed row length in tokens; longer conversations are truncated to it."""
+    pack: bool = True
+    """Pack conversations into rows with per-document attention; False pads each one."""
+    rows_per_step: int = 8
+    """Micro-batches (packed rows, or padded conversations) per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the training rows (steps = ceil(epochs * rows / rows_per_step))."""
+    eval_every: int = 0
+    """Eval loss every N steps; 0: only at the end."""
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"sft.eval_fraction={self.eval_fraction}: must be in [0, 1)")
+        if self.seq_length < 2 or self.rows_per_step < 1 or self.epochs <= 0:
+            raise ValueError("sft.seq_length must be >= 2, sft.rows_per_step >= 1, "
+                             "sft.epochs > 0")

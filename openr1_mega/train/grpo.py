@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step in tqdm(range(start, g.steps), desc="grpo", disable=not ctx.is_rank0,
                      initial=start, total=g.steps):
         timer = {"start": time.perf_counter()}
-        prompts = policy_lib.prompts_for_step(rows.train, step, g.prompts_per_step,
+        prompts = policy_lib.items_for_step(rows.train, step, g.prompts_per_step,
                                               recipe.run.seed)
         completions, totals, reward_metrics = policy_lib.rollout_and_score(
             ctx, engine, rewards, prompts, r, recipe.data, step, recipe.run.seed)

@@ -51,7 +51,8 @@ def setup(recipe, kind: str) -> Context:
     initialize(recipe.parallel, seed=recipe.run.seed)
     model_dir = Path(recipe.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = build_model(model_dir, recipe.parallel, recipe.model, recipe.precision)
+    model = build_model(model_dir, recipe.parallel, precision=recipe.precision,
+                        model=recipe.model)
     load_hf_weights(model, model_dir)
     ddp = wrap_ddp(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -62,7 +63,8 @@ def setup(recipe, kind: str) -> Context:
 
 def reference_model(recipe) -> torch.nn.Module:
     """A frozen copy of the initial policy (for the KL term)."""
-    model = build_model(Path(recipe.model.path), recipe.parallel, recipe.model, recipe.precision)
+    model = build_model(Path(recipe.model.path), recipe.parallel, precision=recipe.precision,
+                        model=recipe.model)
     load_hf_weights(model, Path(recipe.model.path))
     return model.eval().requires_grad_(False)
 
@@ -88,9 +90,9 @@ def prompt_rows(recipe, tokenizer) -> PromptRows:
     return PromptRows(train, held_out)
 
 
-def prompts_for_step(rows: list[dict], step: int, count: int, seed: int) -> list[dict]:
-    """The prompts of `step`: an epoch-wise shuffle fixed by (seed, epoch), so a resumed
-    run sees exactly the prompts the uninterrupted run saw."""
+def items_for_step(rows: list, step: int, count: int, seed: int) -> list:
+    """The items (prompts, packed rows) of `step`: an epoch-wise shuffle fixed by
+    (seed, epoch), so a resumed run sees exactly what the uninterrupted run saw."""
     out = []
     for k in range(step * count, (step + 1) * count):
         epoch, offset = divmod(k, len(rows))

@@ -1,0 +1,173 @@
+"""Supervised fine-tuning (distillation) on conversations, on Megatron-Core.
+
+    1. conversations (`messages`) -> token ids + assistant-only loss mask (data/chat.py);
+       a held-out share gives the eval loss;
+    2. packing: conversations fill rows of `seq_length` tokens, attention kept inside each
+       conversation (PackedSeqParams, thd: block-diagonal causal), positions restarting
+       per conversation; or, with pack=False, one padded conversation per row;
+    3. each step: `rows_per_step` rows as micro-batches; loss = token-mean NLL over the
+       assistant tokens of the whole step (the same on every split of the step);
+       warmup + cosine LR, grad clipping (train/step.py);
+    4. eval loss every `eval_every` steps; checkpoints; HF export at the end.
+
+    python -m openr1_mega.train.sft --recipe examples/recipes/tiny/sft.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m openr1_mega.train.sft --recipe R.yaml parallel.tp=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from tqdm import tqdm
+
+from openr1_mega.config.load import load_config, to_dict
+from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from openr1_mega.config.train import OptimConfig, RunConfig, SftConfig
+from openr1_mega.data.chat import encode_conversation, prompt_messages
+from openr1_mega.data.packing import Packed, pack_examples, pad_examples
+from openr1_mega.data.prompts import load_rows
+from openr1_mega.train import policy as policy_lib
+from openr1_mega.train.logprobs import logits_to_logprobs
+from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
+from openr1_mega.utils.logging import MetricsLogger
+
+
+@dataclass
+class SftRecipe:
+    """An SFT recipe: the model side (schema.py) plus optim, sft and run sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run SFT from a recipe; returns the final metrics."""
+    args = _parse_args(argv)
+    recipe = load_config(args.recipe, args.overrides, SftRecipe)
+    s = recipe.sft
+    ctx = policy_lib.setup(recipe, kind="sft")
+    train_rows, eval_rows = sft_rows(recipe, ctx.tokenizer)
+    steps = math.ceil(s.epochs * len(train_rows) / s.rows_per_step)
+    start = policy_lib.resume(ctx, recipe.run) if args.resume else 0
+    logger = MetricsLogger(recipe.run.output_dir, enabled=ctx.is_rank0)
+    if ctx.is_rank0:
+        policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
+    last: dict = {}
+    for step in tqdm(range(start, steps), desc="sft", disable=not ctx.is_rank0, initial=start,
+                     total=steps):
+        rows = policy_lib.items_for_step(train_rows, step, s.rows_per_step, recipe.run.seed)
+        mine = [rows[i] for i in policy_lib.data_parallel_share(len(rows))]
+        denominator = _global_tokens(rows)
+        last = train_step(ctx.ddp, ctx.optimizer, mine, sft_forward(ctx, denominator, len(mine)),
+                          seq_length=max(r.input_ids.shape[-1] for r in mine),
+                          lr=cosine_lr(step, steps, recipe.optim))
+        last["tokens"] = denominator
+        if eval_rows and (s.eval_every and (step + 1) % s.eval_every == 0 or step + 1 == steps):
+            last["eval/loss"] = eval_loss(ctx, eval_rows)
+        if ctx.is_rank0 and (step % recipe.run.log_every == 0 or step + 1 == steps):
+            logger.log(step + 1, last)
+        if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
+            policy_lib.save(ctx, recipe.run, step + 1)
+    policy_lib.finish(ctx, recipe.run, steps, logger)
+    return last
+
+
+def sft_rows(recipe, tokenizer) -> tuple[list[Packed], list[Packed]]:
+    """Tokenise, split off the held-out share, and pack (or pad) both parts."""
+    s, seed = recipe.sft, recipe.run.seed
+    examples = [encode_conversation(tokenizer, m, max_length=s.seq_length)
+                for m in conversations(s, seed)]
+    random.Random(seed).shuffle(examples)
+    n_eval = int(len(examples) * s.eval_fraction)
+    pad = tokenizer.pad_token_id or 0
+    return (_rows(examples[n_eval:], s, pad), _rows(examples[:n_eval], s, pad))
+
+
+def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
+    """`messages` per row; a built-in task becomes (problem -> solver trace) conversations."""
+    if s.source.startswith("task:"):
+        rows = load_rows(s.source, "train", s.num_train, seed, required=("problem", "solution"))
+        return [prompt_messages(r["problem"], s.system_prompt)
+                + [{"role": "assistant", "content": r["solution"]}] for r in rows]
+    rows = load_rows(s.source, "train", None, seed, required=(s.messages_field,))
+    return [list(r[s.messages_field]) for r in rows]
+
+
+def _rows(examples, s: SftConfig, pad_id: int) -> list[Packed]:
+    if not examples:
+        return []
+    if s.pack:
+        return pack_examples(examples, s.seq_length, pad_id)
+    return [pad_examples([ex], pad_id) for ex in examples]
+
+
+def sft_forward(ctx, denominator: float, num_microbatches: int):
+    """Megatron forward-step function: one packed (or padded) row, NLL over its tokens."""
+
+    def forward_step(row: Packed, model):
+        output = model(**_model_inputs(row))
+
+        def loss_func(logits):
+            nll = -_row_logprobs(ctx, logits, row) * row.loss_mask.view(1, -1)
+            loss = nll.sum() / denominator
+            return scaled_loss(loss, num_microbatches), {"loss": loss.detach()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def eval_loss(ctx, rows: list[Packed]) -> float:
+    """Token-mean NLL over held-out rows (forward only; PP = 1)."""
+    total, tokens = torch.zeros((), dtype=torch.float64), 0
+    ctx.model.eval()
+    with torch.no_grad():
+        for row in rows:
+            logp = _row_logprobs(ctx, ctx.model(**_model_inputs(row)), row)
+            total -= (logp * row.loss_mask.view(1, -1)).sum().double()
+            tokens += row.num_tokens
+    ctx.model.train()
+    return float(total) / max(tokens, 1)
+
+
+def _model_inputs(row: Packed) -> dict:
+    """GPTModel arguments for one row: ids [1, S], positions [1, S], no mask, packing."""
+    inputs = {"input_ids": row.input_ids.view(1, -1),
+              "position_ids": row.position_ids.view(1, -1), "attention_mask": None}
+    if len(row.cu_seqlens) > 2:  # several documents: attention stays inside each
+        cu = row.cu_seqlens.to(torch.int32)
+        longest = int(cu.diff().max())
+        inputs["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+            max_seqlen_kv=longest)
+    return inputs
+
+
+def _row_logprobs(ctx, logits: torch.Tensor, row: Packed) -> torch.Tensor:
+    return logits_to_logprobs(logits, row.labels.view(1, -1), ctx.vocab_size)
+
+
+def _global_tokens(rows: list[Packed]) -> float:
+    """Assistant tokens in the whole step (all DP ranks hold the same list)."""
+    return float(max(sum(r.num_tokens for r in rows), 1))
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()
