@@ -81,6 +81,10 @@ class EngineConfig:
     seed: int = 0
     sleep_between_rollouts: bool = True
     """On GPU, free vLLM's weights and KV cache while the trainer runs."""
+    external_launcher: bool = False
+    """Set under torchrun: every rank builds its own engine inside the trainer's process
+    group (vLLM's external_launcher); vLLM would otherwise create groups over the whole
+    world from one rank and wait for the others forever."""
 
 
 def _on_gpu() -> bool:
@@ -99,6 +103,8 @@ class RolloutEngine:
         memory = ({"gpu_memory_utilization": config.gpu_memory_utilization,
                    "enable_sleep_mode": config.sleep_between_rollouts}
                   if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes})
+        if config.external_launcher:
+            memory["distributed_executor_backend"] = "external_launcher"
         self.config = config
         self.llm = LLM(model=str(model_dir), dtype=config.dtype, seed=config.seed,
                        max_model_len=config.max_model_len, enforce_eager=config.enforce_eager,
@@ -106,14 +112,19 @@ class RolloutEngine:
         self.asleep = False
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, step: int = 0,
-                 show_progress: bool = False) -> list[Completion]:
+                 indices: list[int] | None = None, show_progress: bool = False
+                 ) -> list[Completion]:
         """Sample `sampling.n` completions for each tokenised prompt, grouped by prompt.
 
         With `sampling.seed` set, each prompt gets its own seed derived from (seed, step,
         prompt index): one shared seed would give every prompt the same noise, and a
         per-step seed makes a resumed run sample what the uninterrupted run sampled.
+        `indices` are the prompts' positions in the whole batch (default 0..P-1), so a
+        batch split over ranks samples exactly what one engine would have.
         """
         from vllm import SamplingParams
+
+        indices = list(range(len(prompts))) if indices is None else indices
 
         def params(i: int) -> SamplingParams:
             seed = None if sampling.seed is None else _request_seed(sampling.seed, step, i)
@@ -122,13 +133,12 @@ class RolloutEngine:
                                   stop=list(sampling.stop) or None, seed=seed, logprobs=0)
 
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                    [params(i) for i in range(len(prompts))],
-                                    use_tqdm=show_progress)
+                                    [params(i) for i in indices], use_tqdm=show_progress)
         return [Completion(prompt_index=i, prompt_ids=list(out.prompt_token_ids),
                            completion_ids=list(c.token_ids), text=c.text,
                            finish_reason=str(c.finish_reason),
                            logprobs=_sampled_logprobs(c.token_ids, c.logprobs))
-                for i, out in enumerate(outputs) for c in out.outputs]
+                for i, out in zip(indices, outputs) for c in out.outputs]
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Log-prob of every token after the first, under the engine's current weights.

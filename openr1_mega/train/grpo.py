@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = policy_lib.items_for_step(rows.train, step, g.prompts_per_step,
                                               recipe.run.seed)
         completions, totals, reward_metrics = policy_lib.rollout_and_score(
-            ctx, engine, rewards, prompts, r, recipe.data, step, recipe.run.seed)
+            ctx, engine, rewards, prompts, r, step, recipe.run.seed)
         timer["rollout"] = time.perf_counter()
 
         stats = ops.grpo_advantage_stats(totals, group_size=r.group_size,

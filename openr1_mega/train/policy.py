@@ -108,29 +108,25 @@ def reward_set(grpo):
     return RewardSet.from_spec(grpo.rewards, params=grpo.reward_params)
 
 
-def start_engine(ctx: Context, recipe) -> RolloutEngine | None:
-    """Rank 0's vLLM engine, started from the model directory, then synced with the policy
-    (which differs from the directory after a resume)."""
-    engine = None
-    if ctx.is_rank0:
-        r = recipe.rollout
-        engine = RolloutEngine(ctx.model_dir, EngineConfig(
-            dtype=r.dtype, kv_cache_bytes=r.kv_cache_bytes,
-            gpu_memory_utilization=r.gpu_memory_utilization, seed=recipe.run.seed))
+def start_engine(ctx: Context, recipe) -> RolloutEngine:
+    """This rank's vLLM engine, started from the model directory, then synced with the
+    policy (which differs from the directory after a resume). Under torchrun every rank
+    drives its own engine (vLLM's external launcher) and generates a share of the prompts.
+    """
+    r = recipe.rollout
+    engine = RolloutEngine(ctx.model_dir, EngineConfig(
+        dtype=r.dtype, kv_cache_bytes=r.kv_cache_bytes,
+        gpu_memory_utilization=r.gpu_memory_utilization, seed=recipe.run.seed,
+        external_launcher=dist.get_world_size() > 1))
     sync_engine(ctx, engine)
     return engine
 
 
-def sync_engine(ctx: Context, engine: RolloutEngine | None) -> float:
-    """Stream the policy's weights into rank 0's engine (all ranks join the gather)."""
+def sync_engine(ctx: Context, engine: RolloutEngine) -> float:
+    """Stream the policy's full weights into every rank's engine; returns seconds."""
     from openr1_mega.rl.weight_sync import sync_weights
 
-    tensors = iter_hf_tensors(ctx.model)
-    if engine is None:
-        for _ in tensors:
-            pass
-        return 0.0
-    return sync_weights(engine, tensors).seconds
+    return sync_weights(engine, iter_hf_tensors(ctx.model, everywhere=True)).seconds
 
 
 def sampling(r, seed: int, n: int | None = None) -> SamplingConfig:
@@ -138,23 +134,38 @@ def sampling(r, seed: int, n: int | None = None) -> SamplingConfig:
                           max_tokens=r.max_tokens, stop=tuple(r.stop), seed=seed)
 
 
-def rollout_and_score(ctx: Context, engine, rewards, prompts: list[dict], r, data, step: int,
+def rollout_and_score(ctx: Context, engine, rewards, prompts: list[dict], r, step: int,
                       seed: int) -> tuple[list[Completion], torch.Tensor, dict]:
-    """Rank 0 samples and scores; every rank receives (completions, totals [B], metrics)."""
+    """Every rank samples its share of prompts; rank 0 scores the gathered batch; every
+    rank receives (completions in prompt order, reward totals [B], reward metrics)."""
+    completions = generate_shared(engine, [p["prompt_ids"] for p in prompts], sampling(r, seed),
+                                  step)
     payload = [None]
     if ctx.is_rank0:
-        completions = engine.generate([p["prompt_ids"] for p in prompts], sampling(r, seed),
-                                      step=step)
-        columns = {k: [prompts[c.prompt_index][k] for c in completions]
-                   for k in prompts[0] if k != "prompt_ids"}
-        columns["completion_lengths"] = [len(c.completion_ids) for c in completions]
-        columns["truncated"] = [c.truncated for c in completions]
-        totals, metrics = rewards([c.text for c in completions], **columns)
-        payload = [(completions, totals, metrics)]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
-    completions, totals, metrics = payload[0]
+        payload = [rewards(*_reward_inputs(completions, prompts))]
+    dist.broadcast_object_list(payload, src=0)
+    totals, metrics = payload[0]
     return completions, torch.tensor(totals, dtype=torch.float32), metrics
+
+
+def generate_shared(engine, prompt_ids: list[list[int]], params: SamplingConfig,
+                    step: int = 0) -> list[Completion]:
+    """Each rank's engine samples a round-robin share of the prompts; every rank gets all
+    completions back in prompt order (the same completions one engine would sample)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(prompt_ids), world))
+    local = engine.generate([prompt_ids[i] for i in mine], params, step=step, indices=mine)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    return sorted((c for part in gathered for c in part), key=lambda c: c.prompt_index)
+
+
+def _reward_inputs(completions: list[Completion], prompts: list[dict]):
+    """Completion texts and the per-completion dataset columns the rewards read."""
+    columns = {k: [prompts[c.prompt_index][k] for c in completions]
+               for k in prompts[0] if k != "prompt_ids"}
+    columns["completion_lengths"] = [len(c.completion_ids) for c in completions]
+    return [c.text for c in completions], columns
 
 
 def data_parallel_share(count: int) -> list[int]:
