@@ -1,0 +1,127 @@
+"""Hugging Face <-> live Megatron model, through the architecture's weight map.
+
+load_hf_weights(model, hf_dir)   every rank reads, rule by rule, the HF tensors of the
+                                 parameters it holds, re-lays them (QKV groups, fused
+                                 gate/up, padded vocab), keeps its TP shard and copies it
+                                 in; memory: one rule's tensors at a time.
+iter_hf_tensors(model)           the reverse, for export and for vLLM weight sync: yields
+                                 (hub name, full tensor) on global rank 0, layer by layer
+                                 (collective: all ranks must iterate it; see `gather`).
+save_hf(model, out_dir, assets)  iter_hf_tensors -> safetensors shards + config/tokenizer.
+
+Megatron parameter names are made *global* by `param_index` (layer numbers from each
+layer's `layer_number`, expert numbers from the MoE layer's `local_expert_indices`, TE's
+fused-norm names mapped to the local spec's), so one map serves every TP/PP/EP layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from openr1_mega.checkpoint.gather import gather_groups, tp_coords
+from openr1_mega.checkpoint.safetensors_io import HFReader, HFWriter, copy_hf_assets
+from openr1_mega.models.archs import weight_map
+from openr1_mega.models.archs.common import hf_shapes, shard, to_hf, to_mcore
+from openr1_mega.models.build import model_arch, unwrap
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def param_index(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's parameters under their global, local-spec Megatron names."""
+    gpt = unwrap(model)
+    out = {}
+    for name, param in gpt.named_parameters():
+        out[_global_name(gpt, name)] = param
+    return out
+
+
+def _global_name(gpt, name: str) -> str:
+    match = _LAYER.match(name)
+    if not match:
+        return name
+    layer = gpt.decoder.layers[int(match.group(1))]
+    rest = name[match.end():]
+    for te_name, local_name in _TE_ALIASES.items():
+        if rest == te_name:
+            rest = local_name
+    expert = _EXPERT.search("." + rest)
+    if expert:
+        global_e = layer.mlp.local_expert_indices[int(expert.group(1))]
+        rest = rest.replace(f"local_experts.{expert.group(1)}.", f"local_experts.{global_e}.", 1)
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
+    """Copy an HF checkpoint's weights into this rank's shard of `model` (no collectives).
+
+    Raises ValueError if a tensor has an unexpected shape or if any parameter of the model
+    is left unset (so a wrong map cannot leave random weights behind silently).
+    """
+    gpt, arch = unwrap(model), model_arch(model)
+    params, reader, loaded = param_index(model), HFReader(hf_dir), set()
+    for rule in weight_map(arch).rules():
+        param = params.get(rule.mcore)
+        if param is None:
+            continue
+        tensors = [reader.get(n) for n in rule.hf]
+        for name, t, want in zip(rule.hf, tensors, hf_shapes(rule, arch)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{hf_dir}: {name} has shape {tuple(t.shape)}, expected {want}")
+        full = to_mcore(rule, tensors, arch, gpt.vocab_size)
+        local = shard(rule, full, *tp_coords(rule))
+        if local.shape != param.shape:
+            raise ValueError(f"{rule.mcore}: shard shape {tuple(local.shape)} != parameter "
+                             f"shape {tuple(param.shape)}")
+        param.copy_(local)
+        loaded.add(rule.mcore)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"parameters not covered by the {arch.arch} weight map: {missing}")
+
+
+@torch.no_grad()
+def iter_hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF hub name, full tensor) on global rank 0; other ranks yield nothing.
+
+    Collective: every rank of the job must iterate this generator to the end, in step.
+    Tensors are un-fused (q/k/v, gate/up), un-padded (vocab) and per expert (MoE), in the
+    hub's on-disk naming; they live on the gathering device (GPU under NCCL) and are
+    views of a per-layer buffer, valid until the next layer is yielded.
+
+    Args:
+        model: the (possibly wrapped) Megatron model built by `build_model`.
+        dtype: cast every tensor to this dtype (default: keep the parameter dtype).
+    """
+    arch = model_arch(model)
+    for _, full_tensors in gather_groups(weight_map(arch), param_index(model)):
+        for rule, full in full_tensors:
+            for name, tensor in zip(rule.hf, to_hf(rule, full, arch)):
+                yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def save_hf(model: torch.nn.Module, out_dir: str | Path, assets_dir: str | Path | None = None,
+            *, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30) -> None:
+    """Export a live model as an HF checkpoint (collective; rank 0 writes `out_dir`).
+
+    `assets_dir` (config.json, tokenizer files) is copied alongside when given.
+    """
+    writer = HFWriter(out_dir, max_shard_bytes) if dist.get_rank() == 0 else None
+    for name, tensor in iter_hf_tensors(model, dtype):
+        writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
+        if assets_dir is not None:
+            copy_hf_assets(assets_dir, out_dir)

@@ -1,0 +1,1 @@
+"""Process groups (Megatron parallel_state) and the CPU/gloo compatibility layer."""
