@@ -90,6 +90,23 @@ def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
     return stats
 
 
+def replicate_to_all_ranks(named_tensors: Iterable[tuple[str, torch.Tensor]]
+                           ) -> list[tuple[str, torch.Tensor]]:
+    """Rank 0's (name, tensor) stream, materialised and broadcast to every rank.
+
+    The trainer's gather delivers full tensors to rank 0 only; under torchrun each rank
+    drives its own engine, so rank 0 forwards the weights (one model copy in host memory).
+    """
+    import torch.distributed as dist
+
+    local = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    payload = [local if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 def _reload(engine, tensors: list[tuple[str, torch.Tensor]], is_checkpoint_format: bool) -> None:
     if tensors:
         engine.llm.collective_rpc("reload_weights", kwargs={
@@ -102,6 +119,7 @@ def _layer_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
 
     vLLM fuses a layer's q/k/v and gate/up while loading, so one layer's tensors must
     arrive in the same call; buckets close at a layer boundary once past `bucket_bytes`.
+    Tensors are copied: the trainer's gather yields views of a buffer it reuses per layer.
     """
     bucket, size, current_layer = [], 0, None
     for name, tensor in named_tensors:
@@ -110,7 +128,7 @@ def _layer_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
         if bucket and layer != current_layer and size >= bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, tensor))
+        bucket.append((name, tensor.clone()))  # producers may reuse their buffers
         size += tensor.numel() * tensor.element_size()
         current_layer = layer
     if bucket:

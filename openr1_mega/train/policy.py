@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from openr1_mega.checkpoint import dist as dist_ckpt
-from openr1_mega.checkpoint.hf import export_hf, iter_hf_tensors, load_hf_weights
+from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
 from openr1_mega.parallel.init import initialize
@@ -124,9 +125,12 @@ def start_engine(ctx: Context, recipe) -> RolloutEngine:
 
 def sync_engine(ctx: Context, engine: RolloutEngine) -> float:
     """Stream the policy's full weights into every rank's engine; returns seconds."""
-    from openr1_mega.rl.weight_sync import sync_weights
+    from openr1_mega.rl.weight_sync import replicate_to_all_ranks, sync_weights
 
-    return sync_weights(engine, iter_hf_tensors(ctx.model, everywhere=True)).seconds
+    start = time.perf_counter()
+    tensors = replicate_to_all_ranks(iter_hf_tensors(ctx.model))
+    sync_weights(engine, tensors)
+    return time.perf_counter() - start
 
 
 def sampling(r, seed: int, n: int | None = None) -> SamplingConfig:
@@ -142,7 +146,8 @@ def rollout_and_score(ctx: Context, engine, rewards, prompts: list[dict], r, ste
                                   step)
     payload = [None]
     if ctx.is_rank0:
-        payload = [rewards(*_reward_inputs(completions, prompts))]
+        totals, _, metrics = rewards(*_reward_inputs(completions, prompts))
+        payload = [(totals, {f"reward/{k}": v for k, v in metrics.items()})]
     dist.broadcast_object_list(payload, src=0)
     totals, metrics = payload[0]
     return completions, torch.tensor(totals, dtype=torch.float32), metrics
@@ -196,13 +201,13 @@ def finish(ctx: Context, run, step: int, logger) -> None:
     """Final checkpoint, HF export (model + tokenizer) and the metrics plot."""
     save(ctx, run, step)
     if run.export_hf:
-        export_hf(ctx.model, ctx.model_dir, Path(run.output_dir) / "hf")
+        save_hf(ctx.model, Path(run.output_dir) / "hf", assets_dir=ctx.model_dir)
     if ctx.is_rank0:
         from openr1_mega.utils.logging import plot_metrics, read_metrics
 
         if logger.path.exists():
             plot_metrics(read_metrics(logger.path),
-                         ["reward/total", "eval/accuracy", "completion_length/mean", "loss"],
+                         ["reward/total/mean", "eval/accuracy", "completion_length/mean", "loss"],
                          Path(run.output_dir) / "metrics.png")
     logger.close()
 

@@ -142,9 +142,9 @@ class TaskPool:
         return [w.process.pid for w in self.workers]
 
     def close(self) -> None:
-        """Stop the workers (also done at garbage collection and interpreter exit)."""
+        """Stop the workers (also done at garbage collection and exit); `map` restarts them."""
         with self.lock:
-            self._finalizer()
+            _stop_all(self.workers)
 
     def _run(self, tasks: list[tuple], timeout: float) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(tasks)
