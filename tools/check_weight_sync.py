@@ -1,0 +1,149 @@
+"""Prove the Megatron -> vLLM weight sync: trainer and engine log-probs agree after a sync.
+
+    python tools/check_weight_sync.py --hf <dir> [--tp N --ep N]
+
+Builds the Megatron policy from an HF directory (dense or MoE), changes its weights with
+one optimizer step on a fixed batch, streams them into a vLLM engine started from the
+original directory (rl/weight_sync.py), and compares vLLM's prompt log-probs of fixed
+sequences with the trainer's token_logprob (fp32). Prints one JSON line:
+  max_abs_diff, mean_abs_diff, moved (how far the step moved the log-probs),
+  sync_seconds, reload_from_disk_seconds (export to disk + start a fresh engine process
+  on it: the alternative to an in-memory sync), layout;
+exit status 1 when max_abs_diff > 1e-4. With --tp/--ep > 1 it re-launches itself under
+torchrun (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TOLERANCE = 1e-4
+SEQUENCES = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49], [2, 4, 8, 16, 32, 64, 3, 6, 12]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    world = args.tp * args.ep
+    if world > 1 and "RANK" not in os.environ:
+        return _relaunch(world, argv if argv is not None else sys.argv[1:])
+    return _check(args)
+
+
+def _check(args) -> int:
+    import torch.distributed as dist
+
+    from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
+    from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+    from openr1_mega.config.train import OptimConfig
+    from openr1_mega.models.build import build_model
+    from openr1_mega.parallel.init import initialize
+    from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
+    from openr1_mega.rl.weight_sync import replicate_to_all_ranks, sync_weights
+    from openr1_mega.train.step import build_optimizer, wrap_ddp
+
+    parallel = ParallelConfig(tp=args.tp, ep=args.ep)
+    initialize(parallel, seed=0)
+    model = build_model(args.hf, parallel, precision=PrecisionConfig(dtype="fp32"),
+                        model=ModelConfig(attention_backend="sdpa"))
+    load_hf_weights(model, args.hf)
+    vocab = json.loads((Path(args.hf) / "config.json").read_text())["vocab_size"]
+    sequences = [[t % vocab for t in s] for s in SEQUENCES]
+    engine = RolloutEngine(args.hf, EngineConfig(dtype="float32",
+                                                 external_launcher=dist.get_world_size() > 1))
+    before = engine.prompt_logprobs(sequences)
+    ddp = wrap_ddp(model)
+    _one_step(ddp, build_optimizer(ddp, OptimConfig(lr=args.lr)), sequences, vocab)
+
+    dist.barrier()
+    start = time.perf_counter()
+    sync_weights(engine, replicate_to_all_ranks(iter_hf_tensors(model)))
+    sync_seconds = time.perf_counter() - start
+    trainer = _trainer_logprobs(model, sequences, vocab)
+    after = engine.prompt_logprobs(sequences)
+    diffs = torch.cat([(a - t).abs() for a, t in zip(after, trainer)])
+    moved = max((a - b).abs().max().item() for a, b in zip(after, before))
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        save_hf(model, tmp, assets_dir=args.hf)
+        reload_seconds = time.perf_counter() - start + (
+            _fresh_engine_seconds(tmp) if dist.get_rank() == 0 else 0.0)
+    result = {"max_abs_diff": diffs.max().item(), "mean_abs_diff": diffs.mean().item(),
+              "moved": moved, "sync_seconds": sync_seconds,
+              "reload_from_disk_seconds": reload_seconds,
+              "layout": {"tp": args.tp, "ep": args.ep, "world": dist.get_world_size()},
+              "hf": str(args.hf), "tolerance": TOLERANCE}
+    if dist.get_rank() == 0:
+        print(json.dumps(result), flush=True)
+    return int(result["max_abs_diff"] > TOLERANCE)
+
+
+def _one_step(ddp, optimizer, sequences, vocab) -> None:
+    """One optimizer step raising the log-likelihood of the fixed sequences."""
+    from openr1_mega.train.logprobs import logits_to_logprobs
+    from openr1_mega.train.step import scaled_loss, train_step
+
+    batches = [torch.tensor([s]) for s in sequences]
+
+    def forward_step(ids, model):
+        output = model(ids, torch.arange(ids.shape[1])[None], None)
+
+        def loss_func(logits):
+            loss = -logits_to_logprobs(logits[:, :-1], ids[:, 1:], vocab).mean() / len(batches)
+            return scaled_loss(loss, len(batches)), {"loss": loss.detach()}
+
+        return output, loss_func
+
+    train_step(ddp, optimizer, batches, forward_step, seq_length=max(map(len, sequences)),
+               lr=optimizer.param_groups[0]["lr"])
+
+
+def _trainer_logprobs(model, sequences, vocab) -> list[torch.Tensor]:
+    from openr1_mega.train.logprobs import logits_to_logprobs
+
+    with torch.no_grad():
+        return [logits_to_logprobs(model(torch.tensor([s]), torch.arange(len(s))[None],
+                                         None)[:, :-1], torch.tensor([s[1:]]), vocab)[0]
+                for s in sequences]
+
+
+def _fresh_engine_seconds(model_dir: str) -> float:
+    """Seconds for a new process to start a vLLM engine on `model_dir` and score a prompt."""
+    code = ("import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']='0';"
+            "from openr1_mega.rl.rollout import RolloutEngine, EngineConfig;"
+            f"RolloutEngine({model_dir!r}, EngineConfig(dtype='float32'))"
+            ".prompt_logprobs([[1, 2, 3]])")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _relaunch(world: int, argv: list[str]) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={world}", __file__, *argv]
+    return subprocess.run(cmd).returncode
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf", required=True, help="HF model directory with tokenizer")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="step size of the weight change (large enough to be seen)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
