@@ -30,13 +30,19 @@ class MicroBatch:
     sampler_logprobs: torch.Tensor
     advantages: torch.Tensor
     index: torch.Tensor
-    """Positions of these rows in the rollout batch (to scatter results back)."""
+    """Positions of the real rows in the rollout batch (empty rows come after them)."""
 
 
 def micro_batches(completions: list[Completion], advantages: torch.Tensor, token_budget: int,
-                  pad_id: int, mask_truncated: bool = False) -> list[MicroBatch]:
-    """Split completions into micro-batches of at most `token_budget` padded tokens.
+                  pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1
+                  ) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of at most `token_budget` padded tokens.
 
+    The plan is made over the whole batch, identically on every rank: completions sorted
+    by length are grouped so that each group, split round-robin over the `world` ranks,
+    fits the budget per rank. Every rank then runs the same number of micro-batches with
+    the same shapes (short slices get empty rows, mask 0), which MoE expert parallelism
+    needs: its token dispatch is a collective inside every forward.
     Raises ValueError when a single completion is longer than the budget.
     """
     lengths = [len(c.prompt_ids) + len(c.completion_ids) for c in completions]
@@ -47,23 +53,32 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
     order = sorted(range(len(completions)), key=lambda i: lengths[i])
     groups, current = [], []
     for i in order:
-        width = max([lengths[j] for j in current] + [lengths[i]])
-        if current and width * (len(current) + 1) > token_budget:
+        rows_per_rank = -(-(len(current) + 1) // world)
+        if current and max(lengths[j] for j in current + [i]) * rows_per_rank > token_budget:
             groups.append(current)
             current = []
         current.append(i)
     if current:
         groups.append(current)
-    return [_collate([completions[i] for i in g], advantages[g], torch.tensor(g), pad_id,
-                     mask_truncated) for g in groups]
+    batches = []
+    for group in groups:
+        width = max(lengths[j] for j in group)
+        mine = group[rank::world]
+        rows = -(-len(group) // world)
+        batches.append(_collate([completions[i] for i in mine], advantages[mine],
+                                torch.tensor(mine, dtype=torch.long), pad_id, mask_truncated,
+                                num_rows=rows, width=width))
+    return batches
 
 
 def _collate(rows: list[Completion], advantages: torch.Tensor, index: torch.Tensor,
-             pad_id: int, mask_truncated: bool) -> MicroBatch:
-    width = max(len(c.prompt_ids) + len(c.completion_ids) for c in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width - 1)
-    sampler = torch.zeros(len(rows), width - 1)
+             pad_id: int, mask_truncated: bool, num_rows: int, width: int) -> MicroBatch:
+    """[num_rows, width] tensors; rows past len(rows) are empty (all padding, mask 0)."""
+    ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(num_rows, width - 1)
+    sampler = torch.zeros(num_rows, width - 1)
+    adv = torch.zeros(num_rows)
+    adv[:len(rows)] = advantages.to(torch.float32)
     for b, c in enumerate(rows):
         p, n = len(c.prompt_ids), len(c.completion_ids)
         ids[b, :p + n] = torch.tensor(c.prompt_ids + c.completion_ids)
@@ -71,6 +86,5 @@ def _collate(rows: list[Completion], advantages: torch.Tensor, index: torch.Tens
             mask[b, p - 1:p - 1 + n] = 1.0
         if c.logprobs:
             sampler[b, p - 1:p - 1 + n] = torch.tensor(c.logprobs)
-    positions = torch.arange(width).expand(len(rows), -1)
-    return MicroBatch(ids, positions, ids[:, 1:], mask, sampler,
-                      advantages.to(torch.float32), index)
+    positions = torch.arange(width).expand(num_rows, -1)
+    return MicroBatch(ids, positions, ids[:, 1:], mask, sampler, adv, index)

@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         stats = ops.grpo_advantage_stats(totals, group_size=r.group_size,
                                          scale=g.advantage_scale)
-        mine = policy_lib.data_parallel_share(len(completions))
-        batches = micro_batches([completions[i] for i in mine], stats.advantages[mine],
-                                g.micro_batch_tokens, ctx.pad_id, g.mask_truncated_completions)
+        batches = micro_batches(completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id,
+                                g.mask_truncated_completions, ps.get_data_parallel_rank(),
+                                ps.get_data_parallel_world_size())
         denominator = _global_denominator(g, completions, batches, r.max_tokens)
         old = _forward_logprobs(ctx, ctx.model, batches, r.temperature) \
             if g.num_iterations > 1 else None

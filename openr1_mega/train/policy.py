@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from openr1_mega.checkpoint import dist as dist_ckpt
 from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
@@ -181,6 +180,8 @@ def data_parallel_share(count: int) -> list[int]:
 
 def save(ctx: Context, run, step: int) -> Path:
     """Atomic dist-checkpoint of model + optimizer + the loop's position."""
+    from openr1_mega.checkpoint import dist as dist_ckpt
+
     path = Path(run.output_dir) / "checkpoints" / f"step_{step:06d}"
     dist_ckpt.save(ctx.model, ctx.optimizer, {"step": step, "rng": torch.get_rng_state()}, path)
     return path
@@ -192,6 +193,8 @@ def resume(ctx: Context, run) -> int:
     done = sorted(root.glob("step_*")) if root.exists() else []
     if not done:
         raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+    from openr1_mega.checkpoint import dist as dist_ckpt
+
     extra = dist_ckpt.load(ctx.model, ctx.optimizer, done[-1])
     torch.set_rng_state(extra["rng"])
     return int(extra["step"])

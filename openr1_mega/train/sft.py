@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 from tqdm import tqdm
 
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_config(args.recipe, args.overrides, SftRecipe)
     s = recipe.sft
     ctx = policy_lib.setup(recipe, kind="sft")
+    dp = ps.get_data_parallel_world_size()
+    if s.rows_per_step % dp:
+        raise ValueError(f"sft.rows_per_step={s.rows_per_step} must be a multiple of the "
+                         f"data-parallel size {dp} (every rank runs the same micro-batches)")
     train_rows, eval_rows = sft_rows(recipe, ctx.tokenizer)
     steps = math.ceil(s.epochs * len(train_rows) / s.rows_per_step)
     start = policy_lib.resume(ctx, recipe.run) if args.resume else 0
