@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from openr1_mega.data.decontaminate import decontaminate, find_hits, main, word_ngrams, build_index
-from openr1_mega.eval.tasks import default_data_dir, load_task
+from openr1_mega.data.decontaminate import build_index, decontaminate, find_hits, main, word_ngrams
 from openr1_mega.eval.sources import read_rows
+from openr1_mega.eval.tasks import default_data_dir, load_task
 
 EVAL = {"bench": [
     {"id": "e1", "problem": "Let x be the number of ways to arrange the letters of the "

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -93,7 +92,8 @@ def test_kill_and_restart_yields_each_sample_once(tmp_path):
     before = _shard_hashes(out)
     assert 3 <= len(before) < total_shards, "the run must be killed mid-way"
 
-    second = subprocess.run(_generate_cmd(teacher, out), capture_output=True, text=True)
+    second = subprocess.run(_generate_cmd(teacher, out), capture_output=True, text=True,
+                            check=False)
     assert second.returncode == 0, second.stderr[-3000:]
     after = _shard_hashes(out)
     assert len(after) == total_shards

@@ -6,8 +6,13 @@ import statistics
 
 import pytest
 
-from openr1_mega.eval.metrics import (aggregate, default_ks, majority_score, pass_at_k,
-                                      problem_metrics)
+from openr1_mega.eval.metrics import (
+    aggregate,
+    default_ks,
+    majority_score,
+    pass_at_k,
+    problem_metrics,
+)
 
 
 def _pass_at_k_enumerated(n, c, k):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_max_tokens_clamped_to_context(engine_and_tokenizer, caplog):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "openr1_mega.eval", *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
 
 
 def test_cli_end_to_end_and_rescoring(tiny_model, tmp_path):
@@ -108,7 +109,7 @@ def test_cli_end_to_end_and_rescoring(tiny_model, tmp_path):
         task = report["tasks"][name]
         source = task["dataset"]["source"]
         assert task["dataset"]["source_sha256"] == hashlib.sha256(
-            open(source, "rb").read()).hexdigest()
+            Path(source).read_bytes()).hexdigest()
         assert task["dataset"]["rows_sha256"] == sha256_rows(load_task(name, limit=LIMIT).rows)
         assert task["metrics"]["problems"] == LIMIT and task["metrics"]["samples"] == 2 * LIMIT
         assert task["sampling"]["max_tokens"] == 24

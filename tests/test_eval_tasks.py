@@ -11,6 +11,7 @@ import os
 import pickle
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_local_task_provenance():
     task = load_task("math500", limit=20)
     data = task.describe()
     assert data["rows"] == 20 and data["total_rows"] == 500
-    digest = hashlib.sha256(open(data["source"], "rb").read()).hexdigest()
+    digest = hashlib.sha256(Path(data["source"]).read_bytes()).hexdigest()
     assert data["source_sha256"] == digest
     assert data["rows_sha256"] == sha256_rows(task.rows)
     assert [r["id"] for r in task.rows] == [r["id"] for r in load_task("math500").rows[:20]]
@@ -147,3 +148,74 @@ def test_lcb_prompt_and_test_decoding():
            "```py\nprint(2)\n```"
     assert lcb_data.extract_code(code) == "print(2)\n"
     assert lcb_data.extract_code("no code") is None
+
+
+def _code_rows():
+    stdin = {"id": "sum", "problem": "Read two integers and print their sum.",
+             "test_cases": [{"input": "1 2\n", "output": "3\n"},
+                            {"input": "10 -4\n", "output": "6\n"}]}
+    functional = {"id": "twice", "problem": "Return the list doubled.",
+                  "starter_code": "class Solution:\n    def double(self, nums, k):",
+                  "fn_name": "double",
+                  "test_cases": json.dumps([{"input": "[1, 2]\n3", "output": "[3,6]"},
+                                            {"input": "[]\n1", "output": "[]"}])}
+    return [stdin, functional]
+
+
+def test_code_task_runs_tests_in_the_rewards_sandbox(tmp_path):
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _code_rows()))
+    task = load_task("livecodebench", source=str(path))
+    assert "def double(self, nums, k)" in tasks.user_prompt("code", task.rows[1])
+    good_sum = "<think>easy</think>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    bad_sum = "```python\nprint(3)\n```"                  # passes the first test only
+    good_fn = ("```python\nclass Solution:\n    def double(self, nums, k):\n"
+               "        return [k * x for x in nums]\n```")
+    bad_fn = ("```python\nclass Solution:\n    def double(self, nums, k):\n"
+              "        return nums\n```")
+    rows = [task.rows[0], task.rows[0], task.rows[0], task.rows[1], task.rows[1]]
+    completions = [good_sum, bad_sum, "no code at all", good_fn, bad_fn]
+    scored = scoring.score("code", completions, rows, scoring.ScoringConfig(code_timeout=5.0))
+    assert scored.scores == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert scored.counts["no_code"] == 1
+
+
+def test_cli_scores_choice_and_code_completions(tmp_path, capsys):
+    from openr1_mega.eval.__main__ import main
+
+    gpqa, code = tmp_path / "gpqa.jsonl", tmp_path / "code.jsonl"
+    gpqa.write_text("".join(json.dumps(r) + "\n" for r in _gpqa_rows(4)))
+    code.write_text("".join(json.dumps(r) + "\n" for r in _code_rows()))
+    letters = [r["gold_letter"] for r in load_task("gpqa_diamond", source=str(gpqa)).rows]
+    rows = [{"task": "gpqa_diamond", "id": f"q{i}", "completion": f"Answer: {letter}"}
+            for i, letter in enumerate(letters)]
+    rows += [{"task": "gpqa_diamond", "id": "q0", "completion": "Answer: "
+              + ("A" if letters[0] != "A" else "B")},
+             {"task": "livecodebench", "id": "sum",
+              "completion": "```python\nprint(sum(map(int, input().split())))\n```"}]
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = main(["--tasks", "gpqa_diamond,livecodebench", "--dataset", f"gpqa_diamond={gpqa}",
+                   "--dataset", f"livecodebench={code}", "--completions", str(path)])
+    choice = report["tasks"]["gpqa_diamond"]
+    assert choice["metrics"]["pass@1"] == pytest.approx((0.5 + 3) / 4)
+    assert choice["problems"][0]["answers"][0] == letters[0]
+    coding = report["tasks"]["livecodebench"]["metrics"]
+    assert coding["pass@1"] == 1.0 and coding["problems"] == 1 and coding["missing"] == 1
+    table = capsys.readouterr().out
+    assert "gpqa_diamond" in table and "livecodebench" in table
+
+
+def test_hub_rows_map_to_the_task_schema():
+    gsm = tasks.TASKS["gsm8k"].from_hub(
+        {"question": "How many?", "answer": "2 + 2 = <<2+2=4>>4\n#### 1,004"}, 7)
+    assert gsm == {"id": "gsm8k-test-7", "problem": "How many?", "answer": "1004",
+                   "solution": "2 + 2 = <<2+2=4>>4\n#### 1,004"}
+    gpqa = tasks.TASKS["gpqa_diamond"].from_hub(
+        {"Record ID": "rec1", "Question": "Q?", "Correct Answer": "yes",
+         "Incorrect Answer 1": "n1", "Incorrect Answer 2": "n2", "Incorrect Answer 3": "n3"}, 0)
+    assert gpqa == {"id": "rec1", "problem": "Q?", "correct_answer": "yes",
+                    "incorrect_answers": ["n1", "n2", "n3"]}
+    math = tasks.TASKS["math500"].from_hub(
+        {"unique_id": "test/x/1.json", "problem": "P", "answer": "3", "solution": "S"}, 0)
+    assert math == {"id": "test/x/1.json", "problem": "P", "answer": "3", "solution": "S"}

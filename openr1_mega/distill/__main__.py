@@ -15,8 +15,12 @@ import logging
 import sys
 
 from openr1_mega.distill.filter import filter_traces
-from openr1_mega.distill.generate import DEFAULT_TEMPLATE, EngineSettings, GenerateConfig
-from openr1_mega.distill.generate import generate_traces
+from openr1_mega.distill.generate import (
+    DEFAULT_TEMPLATE,
+    EngineSettings,
+    GenerateConfig,
+    generate_traces,
+)
 from openr1_mega.eval.scoring import ScoringConfig
 
 

@@ -28,10 +28,10 @@ REASONS = ("truncated", "unclosed_think", "unverifiable", "wrong_answer")
 
 
 def failure_reasons(rows: Sequence[dict[str, Any]],
-                    config: ScoringConfig = ScoringConfig()) -> list[list[str]]:
+                    config: ScoringConfig | None = None) -> list[list[str]]:
     """For each row, the reasons (in REASONS order) it fails; an empty list means keep."""
     scores = score_math([r["completion"] for r in rows], [r.get("answer") for r in rows],
-                        config).scores
+                        config or ScoringConfig()).scores
     out = []
     for row, score in zip(rows, scores):
         failed = []
@@ -62,13 +62,14 @@ def report(rows: Sequence[dict[str, Any]], reasons: Sequence[list[str]]) -> dict
 
 
 def filter_traces(input_path: str | Path, output_dir: str | Path,
-                  config: ScoringConfig = ScoringConfig()) -> dict[str, Any]:
+                  config: ScoringConfig | None = None) -> dict[str, Any]:
     """Filter a generated dataset into `output_dir` (data/*.parquet + filter_report.json).
 
     Args:
         input_path: a `generate` output directory (its data/ folder is read) or a
             parquet/jsonl file or folder of rows with the generate columns.
         output_dir: where the kept rows and the report go.
+        config: verification workers and time limit (default ScoringConfig()).
     """
     source = Path(input_path)
     if (source / "data").is_dir():

@@ -36,6 +36,46 @@ def prompt(question: str, starter_code: str | None = None) -> str:
     return text + _STDIN + "```python\n# YOUR CODE HERE\n```\n\n"
 
 
+_HARNESS = """
+
+def _openr1_call():
+    import json as _json
+    import sys as _sys
+
+    _args = [_json.loads(line) for line in _sys.stdin.read().splitlines() if line.strip()]
+    _fn = getattr(Solution(), {fn_name!r}) if "Solution" in globals() else globals()[{fn_name!r}]
+    print(_json.dumps(_fn(*_args)))
+
+
+_openr1_call()
+"""
+
+
+def functional_program(code: str, fn_name: str) -> str:
+    """A stdin/stdout program for a LeetCode-style problem: the model's code, then a harness
+    that reads one JSON argument per input line, calls `Solution().<fn_name>(*args)` (or a
+    top-level function) and prints the result as JSON (LiveCodeBench's functional tests)."""
+    return code + _HARNESS.format(fn_name=fn_name)
+
+
+def functional_output(expected: str) -> str:
+    """An expected functional output in the harness's JSON form (so equal values compare
+    equal whatever their spacing); text that is not JSON is kept as is."""
+    try:
+        return json.dumps(json.loads(expected))
+    except json.JSONDecodeError:
+        return expected
+
+
+def sandbox_case(program: str, row: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+    """(program, test cases) as the stdin/stdout code reward runs them, for one row."""
+    tests = row["test_cases"]
+    if not row.get("fn_name"):
+        return program, [{"input": t["input"], "output": t["output"]} for t in tests]
+    return (functional_program(program, row["fn_name"]),
+            [{"input": t["input"], "output": functional_output(t["output"])} for t in tests])
+
+
 def extract_code(completion: str) -> str | None:
     """The last fenced code block of the completion's final part (after </think>), if any."""
     blocks = _CODE_BLOCK.findall(completion.rsplit("</think>", 1)[-1])

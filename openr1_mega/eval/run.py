@@ -88,7 +88,7 @@ def generate(engine: Any, tokenizer: Any, task: TaskData, sampling: Any, *,
 
 
 def score_completions(task: TaskData, samples: Mapping[str, Sequence[Sample]], *,
-                      config: scoring.ScoringConfig = scoring.ScoringConfig(),
+                      config: scoring.ScoringConfig | None = None,
                       ks: Sequence[int] | None = None) -> dict[str, Any]:
     """Score given samples of `task`'s problems; returns {"metrics", "problems", "dataset"}.
 
@@ -104,7 +104,8 @@ def score_completions(task: TaskData, samples: Mapping[str, Sequence[Sample]], *
         raise ValueError(f"task {task.name}: no completions for any of its problems")
     flat_rows = [row for row in rows for _ in samples[row["id"]]]
     flat = [s for row in rows for s in samples[row["id"]]]
-    scored = scoring.score(task.spec.kind, [s.completion for s in flat], flat_rows, config)
+    scored = scoring.score(task.spec.kind, [s.completion for s in flat], flat_rows,
+                           config or scoring.ScoringConfig())
     ks = list(ks) if ks else metrics.default_ks(min(len(samples[r["id"]]) for r in rows))
     problems, start = [], 0
     for row in rows:
@@ -145,7 +146,7 @@ def _task_metrics(problems: list[dict], flat: Sequence[Sample], scored: scoring.
 
 def evaluate(engine: Any, tokenizer: Any, task: TaskData, sampling: Any, *,
              system_prompt: str | None = None, step: int = 0,
-             config: scoring.ScoringConfig = scoring.ScoringConfig(),
+             config: scoring.ScoringConfig | None = None,
              ks: Sequence[int] | None = None) -> dict[str, Any]:
     """Generate with a live engine and score: the entry point for evaluation during training.
 
@@ -156,7 +157,7 @@ def evaluate(engine: Any, tokenizer: Any, task: TaskData, sampling: Any, *,
         sampling: an rl.rollout.SamplingConfig (n, temperature, top_p, max_tokens, seed).
         system_prompt: optional system message.
         step: training step; seeds the per-prompt sampling seeds.
-        config: verification workers and time limits.
+        config: verification workers and time limits (default ScoringConfig()).
         ks: k values for pass@k / maj@k (default: powers of two up to n).
 
     Returns:

