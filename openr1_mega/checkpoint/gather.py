@@ -51,7 +51,7 @@ def gather_groups(wmap: WeightMap, params: dict[str, torch.Tensor]
     dist.all_gather_object(tables, table)
     me = dist.get_rank()
     for g, (name, rules) in enumerate(groups):
-        local = [params[rules[i].mcore] for (gg, i), *_ in table if gg == g]
+        local = [params[rules[i].mcore].detach() for (gg, i), *_ in table if gg == g]
         if me != 0:
             if local:
                 dist.send(_pack(local), dst=0)

@@ -63,6 +63,10 @@ class HFReader:
         """Shape of tensor `name` (from the header, nothing read)."""
         return tuple(self._entry(name)[1]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        """dtype of tensor `name` (from the header, nothing read)."""
+        return DTYPES[self._entry(name)[1]["dtype"]]
+
     def get(self, name: str) -> torch.Tensor:
         """Read tensor `name` into a fresh CPU tensor."""
         file, entry, data_start = self._entry(name)

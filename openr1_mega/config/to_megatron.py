@@ -22,6 +22,14 @@ from openr1_mega.config.schema import (
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """'fp32', 'bf16' or 'fp16' for a torch dtype (the `precision.dtype` spelling)."""
+    for name, value in TORCH_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported parameter dtype {dtype}; expected one of {list(TORCH_DTYPES)}")
+
+
 def transformer_config(
     arch: ArchConfig,
     parallel: ParallelConfig,

@@ -60,7 +60,8 @@ def fused_linear_token_logprob_entropy(
 
 def _check(hidden: Tensor, weight: Tensor, chunk_size: int) -> None:
     if not isinstance(hidden, Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden: expected a [N, H] tensor, got {getattr(hidden, 'shape', hidden)}")
+        shape = tuple(getattr(hidden, "shape", ()))
+        raise ValueError(f"hidden: expected a [N, H] tensor, got shape {shape}")
     if not hidden.dtype.is_floating_point:
         raise ValueError(f"hidden: dtype must be floating point, got {hidden.dtype}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -111,7 +112,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         wide = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_weight else None
+        grad_weight = (torch.zeros(weight.shape, dtype=wide, device=weight.device)
+                       if want_weight else None)
         for a, b in _chunks(hidden.shape[0], ctx.chunk_size):
             chunk_coefs = tuple(c[a:b] if c is not None else None for c in coefs)
             grad_logits = backward_rows(hidden[a:b] @ weight.T, targets[a:b], 0, ctx.temperature,

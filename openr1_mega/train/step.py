@@ -84,11 +84,35 @@ class CpuAdamW:
         self.inner.step()
         return True, norm, None
 
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
+                           **unused) -> dict:
+        """Adam moments as ShardedTensors laid out like their parameters (resharding-safe),
+        the step count as one common value; the format of Megatron's FP32Optimizer."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map, optim_state_to_sharding_state)
+
+        if is_loading:
+            self._init_state()
+        state = self.inner.state_dict()
+        state["state"] = {k: dict(v) for k, v in state["state"].items()}
+        steps = [float(v.pop("step")) for v in state["state"].values() if "step" in v]
+        optim_state_to_sharding_state(
+            state, get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params))
+        state["state"]["common_step"] = max(steps, default=0.0)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        step = float(state["state"].pop("common_step", 0.0))
+        for param_state in state["state"].values():
+            param_state["step"] = torch.tensor(step)
         self.inner.load_state_dict(state)
+
+    def _init_state(self) -> None:
+        """Zero moments for every parameter, so a checkpoint has a slot to load into."""
+        for p in self.params:
+            if not self.inner.state[p]:
+                self.inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                           exp_avg_sq=torch.zeros_like(p))
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:

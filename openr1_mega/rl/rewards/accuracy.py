@@ -3,9 +3,10 @@
 Algorithm, per completion:
   1. gold: parsed with math-verify (LaTeX, then plain expression). A bare answer string
      such as `\\frac{1}{2}` is wrapped as `$...$` first; an unparseable gold answer -> None.
-  2. completion: parsed with \\boxed{} at the highest priority (all boxed answers of the
-     text together, or only the last one: option `boxed`), else the last "answer is ..."
-     / LaTeX / plain-expression match.
+  2. completion: parsed with \\boxed{} at the highest priority (option `boxed`: "all" joins
+     every boxed answer of the text into one set, so hedging with several fails; "last"
+     keeps only the text from the last \\boxed on), else the last "answer is ..." / LaTeX /
+     plain-expression match.
   3. `math_verify.verify(gold, answer)` -> 1.0 or 0.0.
 Time limit: math-verify's own timeout uses `signal.alarm`, which works only in the main
 thread and cannot stop code that never returns to the interpreter. So the batch path runs
@@ -17,6 +18,7 @@ alarms are disabled (they would reset ours).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import signal
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 KILL_GRACE_S = 1.0
 _BOXED_MODES = ("all", "last")
 _CACHE_SIZE = 8192
+_WARMUP = ("\\boxed{\\frac{1}{2}}", "0.5", "all", None)  # sympy imports parts on first use
 _MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\boxed|\\\(|\\\[")  # unescaped $, \boxed, \(, \[
 
 
@@ -79,10 +82,18 @@ def _answer_config(boxed: str) -> tuple:
     return (latex, ExprExtractionConfig())
 
 
+def _from_last_boxed(completion: str) -> str:
+    """The text from the last \\boxed on: math-verify would join every boxed answer it finds."""
+    start = completion.rfind("\\boxed")
+    return completion if start < 0 else completion[start:]
+
+
 def _verify_untimed(completion: str, gold: str, boxed: str) -> float | None:
     gold_parsed = _parse_gold(gold)
     if not gold_parsed:
         return None
+    if boxed == "last":
+        completion = _from_last_boxed(completion)
     answer = parse(completion, _answer_config(boxed), parsing_timeout=None)
     return 1.0 if verify(list(gold_parsed), answer, timeout_seconds=None) else 0.0
 
@@ -99,12 +110,14 @@ def _verify_with_status(completion: str, gold: str, boxed: str,
         return _verify_untimed(completion, gold, boxed), "ok"
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
     try:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        return _verify_untimed(completion, gold, boxed), "ok"
-    except _VerifyTimeout:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            return _verify_untimed(completion, gold, boxed), "ok"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _VerifyTimeout:  # also when the alarm lands just before it was disarmed
         return 0.0, "timeout"
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -115,6 +128,8 @@ def _check_args(boxed: str, timeout: float | None, workers: int) -> None:
         raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers and timeout is None:
+        raise ValueError("timeout=None is only allowed with workers=0 (no process pool)")
 
 
 def verify_answer(completion: str, gold: Any, *, boxed: str = "all",
@@ -137,11 +152,17 @@ def verify_answer(completion: str, gold: Any, *, boxed: str = "all",
     return _verify_with_status(str(completion), str(gold), boxed, timeout)[0]
 
 
-_results: OrderedDict[tuple[str, str, str], float | None] = OrderedDict()
+_results: OrderedDict[tuple[bytes, str, str], float | None] = OrderedDict()
 _results_lock = threading.Lock()
 
 
-def _cached(key: tuple[str, str, str]) -> tuple[bool, float | None]:
+def _key(completion: str, gold: str, boxed: str) -> tuple[bytes, str, str]:
+    """Cache key; the completion enters as a 16-byte digest (traces can be 100k chars)."""
+    digest = hashlib.blake2b(completion.encode("utf-8", "surrogatepass"), digest_size=16)
+    return digest.digest(), gold, boxed
+
+
+def _cached(key: tuple[bytes, str, str]) -> tuple[bool, float | None]:
     with _results_lock:
         if key in _results:
             _results.move_to_end(key)
@@ -149,7 +170,7 @@ def _cached(key: tuple[str, str, str]) -> tuple[bool, float | None]:
     return False, None
 
 
-def _remember(key: tuple[str, str, str], score: float | None) -> None:
+def _remember(key: tuple[bytes, str, str], score: float | None) -> None:
     with _results_lock:
         _results[key] = score
         while len(_results) > _CACHE_SIZE:
@@ -179,21 +200,22 @@ def score_accuracy(completions: Sequence[str], golds: Sequence[Any], *, workers:
     _check_args(boxed, timeout, workers)
     scores: list[float | None] = [None] * len(completions)
     counts = {"timeouts": 0, "crashes": 0}
-    todo = []
+    todo = []  # (index, key, completion, gold) of the pairs not in the cache
     for i, (completion, gold) in enumerate(zip(completions, golds)):
         if gold is None:
             continue
-        key = (str(completion), str(gold), boxed)
+        key = _key(str(completion), str(gold), boxed)
         hit, score = _cached(key)
         if hit:
             scores[i] = score
         else:
-            todo.append((i, key))
+            todo.append((i, key, str(completion), str(gold)))
+    pairs = [(completion, gold) for _, _, completion, gold in todo]
     if workers == 0:
-        results = [_verify_with_status(*key[:2], boxed, timeout) for _, key in todo]
+        results = [_verify_with_status(c, g, boxed, timeout) for c, g in pairs]
     else:
-        results = _pooled([key for _, key in todo], workers, timeout, boxed, counts)
-    for (i, key), (score, status) in zip(todo, results):
+        results = _pooled(pairs, workers, timeout, boxed, counts)
+    for (i, key, _, _), (score, status) in zip(todo, results):
         scores[i] = score
         if status == "timeout":
             counts["timeouts"] += 1
@@ -202,10 +224,12 @@ def score_accuracy(completions: Sequence[str], golds: Sequence[Any], *, workers:
     return scores, counts
 
 
-def _pooled(keys: list[tuple[str, str, str]], workers: int, timeout: float, boxed: str,
+def _pooled(pairs: list[tuple[str, str]], workers: int, timeout: float, boxed: str,
             counts: dict[str, int]) -> list[tuple[float | None, str]]:
-    pool = shared_pool(_verify_with_status, workers)
-    tasks = [(completion, gold, boxed, timeout) for completion, gold, _ in keys]
+    if not pairs:
+        return []
+    pool = shared_pool(_verify_with_status, workers, warmup=_WARMUP)
+    tasks = [(completion, gold, boxed, timeout) for completion, gold in pairs]
     results = []
     for outcome in pool.map(tasks, timeout=timeout + KILL_GRACE_S):
         if outcome.status == "ok":

@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from openr1_mega.rl.rewards.registry import register
-from openr1_mega.rl.rewards.sandbox import ISOLATIONS, Limits, run_program, sandbox_uids
+from openr1_mega.rl.rewards.sandbox import (
+    ISOLATIONS,
+    UID_SLOTS,
+    Limits,
+    dedicated_uid,
+    detect_isolation,
+    run_program,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +74,20 @@ class _CodeReward:
             raise ValueError(f"scoring must be one of {_SCORINGS}, got {scoring!r}")
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not 1 <= workers <= UID_SLOTS:
+            raise ValueError(f"workers must be in [1, {UID_SLOTS}], got {workers}")
         self.scoring, self.workers, self.limits = scoring, workers, limits
         self.isolation, self.python = isolation, python
-        self.uids: queue.Queue = queue.Queue()
-        for uid in sandbox_uids(workers):
-            self.uids.put(uid)
         self.counts: Counter[str] = Counter()
         self.reported: set[str] = set()
+        self.lock = threading.Lock()  # the worker threads record outcomes concurrently
 
     def __call__(self, completions: list[str], **columns: Sequence[Any]) -> list[float | None]:
         if "test_cases" not in columns:
             raise KeyError(f"code reward needs the 'test_cases' column; got {sorted(columns)}")
         jobs = list(zip(completions, columns["test_cases"]))
+        if self.isolation == "auto":  # probe now, not while holding a uid slot
+            self.isolation = detect_isolation()
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(lambda job: self._score(*job), jobs))
 
@@ -98,9 +105,8 @@ class _CodeReward:
         if code is None:
             self._record("no_code", "no ```python block in the completion")
             return 0.0
-        uid = self.uids.get()
-        try:
-            passed = 0
+        passed = 0
+        with dedicated_uid() as uid:
             for test in tests:
                 status = self._run(code, test, uid)
                 if status == "sandbox_error":
@@ -108,8 +114,6 @@ class _CodeReward:
                 passed += status == "passed"
                 if status != "passed" and self.scoring == "binary":
                     break
-        finally:
-            self.uids.put(uid)
         if self.scoring == "binary":
             return float(passed == len(tests))
         return passed / len(tests)
@@ -121,22 +125,27 @@ class _CodeReward:
         else:
             status = result.status
         if status == "passed":
-            self.counts["passed"] += 1
+            with self.lock:
+                self.counts["passed"] += 1
         else:
             tail = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.exit_code}"]
             self._record(status, f"{tail[0][:300]} after {result.seconds:.2f}s")
         return status
 
     def _record(self, status: str, detail: str) -> None:
-        self.counts[status] += 1
-        logger.debug("code reward: %s (%s)", status, detail)
-        if status not in self.reported:
+        with self.lock:
+            self.counts[status] += 1
+            first = status not in self.reported
             self.reported.add(status)
-            logger.info("code reward: first %s: %s (later ones are logged at DEBUG)",
-                        status, detail)
+        logger.debug("code reward: %s (%s)", status, detail)
+        if first:
+            level = logging.WARNING if status == "sandbox_error" else logging.INFO
+            logger.log(level, "code reward: first %s: %s (later ones are logged at DEBUG)",
+                       status, detail)
 
     def take_metrics(self) -> dict[str, float]:
-        taken, self.counts = self.counts, Counter()
+        with self.lock:
+            taken, self.counts = self.counts, Counter()
         return {name: float(n) for name, n in sorted(taken.items())}
 
 

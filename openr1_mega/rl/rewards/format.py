@@ -40,8 +40,10 @@ def format_reward(think_tag: str = "think", answer_tag: str = "answer",
 
     def score(completion: str) -> float:
         text = _opened(completion, think_tag, prompt_opens_think)
+        if any(text.count(tag) != 1 for tag in tags):  # first: keeps the regex linear
+            return 0.0
         match = pattern.fullmatch(text)
-        if match is None or any(text.count(tag) != 1 for tag in tags):
+        if match is None:
             return 0.0
         return 1.0 if match.group(1).strip() and match.group(2).strip() else 0.0
 
@@ -58,11 +60,17 @@ def soft_format(think_tag: str = "think", answer_tag: str = "answer",
     _check_tag("think_tag", think_tag)
     _check_tag("answer_tag", answer_tag)
     t, a = re.escape(think_tag), re.escape(answer_tag)
-    pattern = re.compile(rf"<{t}>.*?</{t}>\s*<{a}>.*?</{a}>", re.DOTALL)
+    handover = re.compile(rf"</{t}>\s*<{a}>")
+
+    def score(completion: str) -> float:
+        # same as searching <think>.*?</think>\s*<answer>.*?</answer>, in linear time
+        text = _opened(completion, think_tag, prompt_opens_think)
+        start = text.find(f"<{think_tag}>")
+        middle = handover.search(text, start + len(think_tag) + 2) if start >= 0 else None
+        return 1.0 if middle and text.find(f"</{answer_tag}>", middle.end()) >= 0 else 0.0
 
     def reward(completions: list[str], **columns: Sequence[Any]) -> list[float | None]:
-        return [1.0 if pattern.search(_opened(c, think_tag, prompt_opens_think)) else 0.0
-                for c in completions]
+        return [score(c) for c in completions]
 
     return reward
 

@@ -73,10 +73,11 @@ def cosine(min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
         raise ValueError("need min_value_wrong <= max_value_wrong and min_value_correct <= "
                          f"max_value_correct, got {min_value_wrong}, {max_value_wrong}, "
                          f"{min_value_correct}, {max_value_correct}")
-    options = dict(gold_column=gold_column, boxed=boxed, workers=workers, timeout=timeout)
-    values = dict(max_len=max_len, min_value_wrong=min_value_wrong,
-                  max_value_wrong=max_value_wrong, min_value_correct=min_value_correct,
-                  max_value_correct=max_value_correct)
+    options = {"gold_column": gold_column, "boxed": boxed, "workers": workers,
+               "timeout": timeout}
+    values = {"max_len": max_len, "min_value_wrong": min_value_wrong,
+              "max_value_wrong": max_value_wrong, "min_value_correct": min_value_correct,
+              "max_value_correct": max_value_correct}
 
     def reward(completions: list[str], **columns: Sequence[Any]) -> list[float | None]:
         lengths = completion_lengths_of(completions, columns)
@@ -127,7 +128,8 @@ def _groups(n: int, columns: dict[str, Sequence[Any]], group_column: str) -> lis
 def length(group_column: str = "prompt", gold_column: str = "answer", boxed: str = "all",
            workers: int = 2, timeout: float = 5.0) -> RewardFn:
     """Kimi 1.5 group-relative length reward (completions grouped by `group_column`)."""
-    options = dict(gold_column=gold_column, boxed=boxed, workers=workers, timeout=timeout)
+    options = {"gold_column": gold_column, "boxed": boxed, "workers": workers,
+               "timeout": timeout}
 
     def reward(completions: list[str], **columns: Sequence[Any]) -> list[float | None]:
         lengths = completion_lengths_of(completions, columns)

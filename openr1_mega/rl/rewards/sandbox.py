@@ -3,9 +3,11 @@
 `run_program(source, stdin, limits)` starts sandbox_init.py (which isolates and execs the
 program; see its docstring for the mechanisms) in a new process group with a minimal
 environment, feeds the input from an unlinked temporary file, and reads stdout and stderr
-through a selector: stdout beyond `max_output_bytes` or a run past `wall_seconds` kills the
-whole process group at once (and with it the PID namespace). Then it kills whatever is left
-under the run's dedicated uid and removes the work directory. Every run ends with a status:
+through a selector. Stdout beyond `max_output_bytes` or a run past `wall_seconds` ends the
+run at once: SIGKILL to the PID namespace's init (the kernel then ends every process in it
+before the launcher returns), or to the whole process group in rlimits mode. Then it kills
+whatever is left under the run's dedicated uid and removes the work directory. Every run
+ends with a status:
   ok, runtime_error, timeout (wall time), cpu_limit, memory_limit, output_limit,
   file_size_limit, sandbox_error (the sandbox itself failed).
 Isolation "namespaces" needs root with CAP_SYS_ADMIN; `detect_isolation()` probes it once
@@ -14,17 +16,21 @@ and falls back to "rlimits" (see sandbox_init.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import queue
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +44,10 @@ GUARD = _HERE / "sandbox_guard.py"
 SETUP_FAILED = 125
 STDERR_TAIL_BYTES = 4096
 ISOLATIONS = ("auto", "namespaces", "rlimits")
+_DETECT_LOCK = threading.Lock()
+UID_BASE, UID_SLOTS = 200_000, 64  # sandbox uids: UID_BASE + (pid % 50000) * 64 + slot
+_UID_LOCK = threading.Lock()
+_uid_queue: queue.Queue | None = None
 _MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                 "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -151,19 +161,58 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
-def kill_uid(uid: int | None) -> int:
-    """SIGKILL every process running as `uid` (the run's dedicated uid); returns the count."""
+def _stop(process: subprocess.Popen, isolation: str) -> None:
+    """End a run at once.
+
+    Namespaces: SIGKILL only the namespace's init (the launcher's child), so the launcher,
+    which waits for it, exits only after the kernel has ended every process of the
+    namespace. Otherwise (or before the init exists): SIGKILL the whole process group.
+    """
+    if isolation == "namespaces":
+        try:
+            inits = psutil.Process(process.pid).children()
+        except psutil.NoSuchProcess:
+            inits = []
+        for init in inits:
+            try:
+                init.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if inits:
+            return
+    _kill_group(process)
+
+
+def _live_processes(uid: int) -> list[psutil.Process]:
+    live = []
+    for proc in psutil.process_iter(["uids", "status"]):
+        uids = proc.info["uids"]
+        if (uids is not None and uid in (uids.real, uids.effective)
+                and proc.info["status"] != psutil.STATUS_ZOMBIE):
+            live.append(proc)
+    return live
+
+
+def kill_uid(uid: int | None, timeout: float = 5.0) -> int:
+    """SIGKILL every process of `uid` (the run's dedicated uid) until none is left.
+
+    Returns how many were killed; logs a warning if some survive `timeout` seconds.
+    """
     if uid is None:
         return 0
     killed = 0
-    for proc in psutil.process_iter(["uids"]):
-        uids = proc.info["uids"]
-        if uids is not None and uid in (uids.real, uids.effective):
+    deadline = time.monotonic() + timeout
+    while procs := _live_processes(uid):
+        if time.monotonic() > deadline:
+            logger.warning("sandbox: %d processes of uid %d survive SIGKILL", len(procs), uid)
+            break
+        for proc in procs:
             try:
                 proc.kill()
                 killed += 1
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(procs, timeout=0.1)
     return killed
 
 
@@ -203,16 +252,19 @@ def run_program(source: str, stdin: str = "", limits: Limits | None = None,
     isolation = detect_isolation() if isolation == "auto" else isolation
     if uid is not None and os.geteuid() != 0:
         raise ValueError(f"uid={uid} needs root; pass uid=None")
+    if isolation == "namespaces" and uid is None:
+        raise ValueError("isolation='namespaces' needs a dedicated uid (see dedicated_uid)")
     workdir = tempfile.mkdtemp(prefix="openr1-sandbox-") if isolation == "rlimits" else ""
     start = time.monotonic()
     try:
         process = _start(source, stdin, limits, isolation, uid, workdir,
                          python or sys.executable)
         out, err, limit_hit = _read_bounded(process, limits)
-        _kill_group(process)
+        if limit_hit or isolation == "rlimits":
+            _stop(process, isolation)
         code = process.wait()
-        if isolation == "rlimits":
-            kill_uid(uid)  # namespaces mode: the kernel already ended the whole PID namespace
+        if limit_hit or isolation == "rlimits":
+            kill_uid(uid)  # escapees; in namespaces mode only a safety net
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -223,26 +275,60 @@ def run_program(source: str, stdin: str = "", limits: Limits | None = None,
                      exit_code=exit_code, seconds=time.monotonic() - start)
 
 
-def sandbox_uids(count: int) -> list[int | None]:
-    """`count` distinct unprivileged uids for concurrent runs (all None when not root).
+def _free_uids() -> queue.Queue:
+    """The free ones of this process's UID_SLOTS sandbox uids.
 
     The base depends on our pid so that several trainer processes on one host do not share
     uids (RLIMIT_NPROC counts per uid, and cleanup kills by uid).
     """
+    global _uid_queue
+    with _UID_LOCK:
+        if _uid_queue is None:
+            _uid_queue = queue.Queue()
+            base = UID_BASE + (os.getpid() % 50_000) * UID_SLOTS
+            for uid in range(base, base + UID_SLOTS):
+                _uid_queue.put(uid)
+        return _uid_queue
+
+
+@contextlib.contextmanager
+def dedicated_uid() -> Iterator[int | None]:
+    """An unprivileged uid that no other run of this process uses meanwhile.
+
+    None when not root. Blocks while all UID_SLOTS are taken; call `detect_isolation()`
+    before taking one (its probe needs a slot too).
+    """
     if os.geteuid() != 0:
-        return [None] * count
-    if count > 64:
-        raise ValueError(f"at most 64 concurrent sandboxes per process, got {count}")
-    base = 200_000 + (os.getpid() % 50_000) * 64
-    return [base + i for i in range(count)]
+        yield None
+        return
+    free = _free_uids()
+    uid = free.get()
+    try:
+        yield uid
+    finally:
+        free.put(uid)
+
+
+def _probe(isolation: str) -> RunResult:
+    with dedicated_uid() as uid:
+        return run_program("print(6 * 7)", limits=Limits(), isolation=isolation, uid=uid)
+
+
+def detect_isolation() -> str:
+    """"namespaces" if a probe run works there (root with CAP_SYS_ADMIN), else "rlimits".
+
+    Probes once per process (thread-safe). Logs a warning when falling back, and an error
+    when even the rlimits probe fails (e.g. root, but the interpreter lies under a directory
+    that other users cannot enter: pass `python=` an interpreter they can run).
+    """
+    with _DETECT_LOCK:
+        return _detect_isolation()
 
 
 @functools.cache
-def detect_isolation() -> str:
-    """"namespaces" if a probe run works there (root with CAP_SYS_ADMIN), else "rlimits"."""
+def _detect_isolation() -> str:
     if os.geteuid() == 0:
-        probe = run_program("print(6 * 7)", limits=Limits(), isolation="namespaces",
-                            uid=sandbox_uids(1)[0] + 63)
+        probe = _probe("namespaces")
         if probe.status == "ok" and probe.stdout.strip() == "42":
             return "namespaces"
         logger.warning("sandbox: namespaces unavailable (%s: %s); using the weaker rlimits "
@@ -250,4 +336,8 @@ def detect_isolation() -> str:
     else:
         logger.warning("sandbox: not root, so no namespaces or dedicated uid; using the "
                        "weaker rlimits mode")
+    probe = _probe("rlimits")
+    if probe.status != "ok" or probe.stdout.strip() != "42":
+        logger.error("sandbox: the rlimits probe failed too (%s: %s)", probe.status,
+                     probe.stderr.strip()[-300:])
     return "rlimits"

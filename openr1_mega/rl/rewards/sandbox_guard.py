@@ -14,6 +14,7 @@ import sys
 _WORKDIR = os.path.realpath(os.getcwd())
 _BLOCKED_PREFIXES = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.posix_spawn",
                      "os.spawn", "os.fork", "os.system", "pty.", "os.kill", "os.killpg")
+_BLOCKED_MODULES = {"_posixsubprocess", "_ctypes"}  # process creation and libc calls, raw
 _PATH_EVENTS = {"os.mkdir", "os.remove", "os.rename", "os.rmdir", "os.symlink", "os.link",
                 "os.truncate", "os.chmod", "os.chown", "os.utime", "shutil.rmtree",
                 "shutil.copyfile", "shutil.move"}
@@ -36,6 +37,8 @@ def _writes(mode, flags):
 def _hook(event, args):
     if event.startswith(_BLOCKED_PREFIXES):
         raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "import" and args[0] in _BLOCKED_MODULES:
+        raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
     if event == "open" and args and _writes(args[1], args[2]) and not _inside(args[0]):
         raise PermissionError(f"sandbox: writing {args[0]!r} is not allowed")
     if event in _PATH_EVENTS:
