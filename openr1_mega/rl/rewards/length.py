@@ -113,10 +113,16 @@ def soft_overlong_punishment(max_completion_length: int = 16384,
     return reward
 
 
+_warned_groups: set[str] = set()
+
+
 def _groups(n: int, columns: dict[str, Sequence[Any]], group_column: str) -> list[list[int]]:
     """Indices grouped by the value of `group_column` (one group if the batch lacks it)."""
     if group_column not in columns:
-        logger.debug("length reward: no %r column, the batch is one group", group_column)
+        if group_column not in _warned_groups:
+            _warned_groups.add(group_column)
+            logger.warning("length reward: the batch has no %r column, so it is scored as one "
+                           "group; pass group_column= naming a per-prompt field", group_column)
         return [list(range(n))]
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, key in enumerate(columns[group_column]):
