@@ -159,3 +159,11 @@ def test_math500_gold_solutions_are_accepted(capsys):
               f"timeouts={counts['timeouts']}, misses={misses}")
     assert len(rows) == 500
     assert len(misses) <= 0.01 * len(rows), misses
+
+
+def test_r1_answer_block_is_the_final_answer():
+    from openr1_mega.rl.rewards import verify_answer
+
+    assert verify_answer("<think>3+5+0=8 5+4+0=9</think><answer>98</answer>", "98") == 1.0
+    assert verify_answer("<think>maybe 98</think><answer>97</answer>", "98") == 0.0
+    assert verify_answer("<answer>12</answer> no, <answer>\\frac{1}{2}</answer>", "0.5") == 1.0

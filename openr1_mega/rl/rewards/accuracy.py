@@ -82,16 +82,28 @@ def _answer_config(boxed: str) -> tuple:
     return (latex, ExprExtractionConfig())
 
 
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
 def _from_last_boxed(completion: str) -> str:
     """The text from the last \\boxed on: math-verify would join every boxed answer it finds."""
     start = completion.rfind("\\boxed")
     return completion if start < 0 else completion[start:]
 
 
+def _answer_block(completion: str) -> str:
+    """The R1 template's final answer: the content of the last <answer>...</answer> block,
+    padded with spaces (math-verify's number patterns need a boundary: "<answer>98" has
+    none); the whole completion when there is no such block."""
+    blocks = _ANSWER_BLOCK.findall(completion)
+    return f" {blocks[-1]} " if blocks else completion
+
+
 def _verify_untimed(completion: str, gold: str, boxed: str) -> float | None:
     gold_parsed = _parse_gold(gold)
     if not gold_parsed:
         return None
+    completion = _answer_block(completion)
     if boxed == "last":
         completion = _from_last_boxed(completion)
     answer = parse(completion, _answer_config(boxed), parsing_timeout=None)
