@@ -9,6 +9,7 @@
 //       -> (max, sumexp, wsum, target_z)                 one vocab shard's statistics
 //   token_logprob_bwd(logits, targets, vocab_start, temperature, lse, coef_target, coef_p,
 //       coef_plogp) -> grad_logits                       in logits' dtype
+//   token_logprob_bwd_(logits!, ...same...) -> ()        the same, written over the logits
 //   grpo_advantage(rewards, group_index, group_size, num_groups, scale, eps, unbiased,
 //       token_index, response_mask) -> (advantages, token_advantages, group_mean, group_std,
 //       num_zero_std)
@@ -28,8 +29,8 @@
 #include "token_logprob.h"
 
 #ifdef OPENR1_MEGA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/kernels.h"
 #endif
@@ -125,7 +126,9 @@ struct CpuBackend {
   template <typename T>
   static void forward(const T* x, LogitsShape s, const int64_t* y, double temp, acc_t<T>* logp,
                       acc_t<T>* lse, acc_t<T>* ent) {
-    run_checked([&] { token_logprob_forward(x, s, y, temp, logp, lse, ent, at::get_num_threads()); });
+    run_checked([&] {
+      token_logprob_forward(x, s, y, temp, logp, lse, ent, at::get_num_threads());
+    });
   }
   template <typename T>
   static void partials(const T* x, LogitsShape s, const int64_t* y, int64_t start, double temp,
@@ -134,9 +137,10 @@ struct CpuBackend {
   }
   template <typename T>
   static void backward(const T* x, LogitsShape s, const int64_t* y, int64_t start, double temp,
-                       const acc_t<T>* lse, const LogprobGradCoefs<acc_t<T>>& c, T* g) {
+                       const acc_t<T>* lse, const LogprobGradCoefs<acc_t<T>>& c, T* g,
+                       int64_t g_stride) {
     run_checked([&] {
-      token_logprob_backward(x, s, y, start, temp, lse, c, g, s.cols, at::get_num_threads());
+      token_logprob_backward(x, s, y, start, temp, lse, c, g, g_stride, at::get_num_threads());
     });
   }
 };
@@ -160,26 +164,27 @@ struct CudaBackend {
         at::TensorOptions().dtype(at::kByte).device(device));
     cuda_check(cuda::grpo_advantage(r, args, out.advantages, out.token_advantages,
                                     out.group_mean, out.group_std, out.num_zero_std,
-                                    workspace.data_ptr(), at::cuda::getCurrentCUDAStream()));
+                                    workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   }
   template <typename T>
   static void forward(const T* x, LogitsShape s, const int64_t* y, double temp, acc_t<T>* logp,
                       acc_t<T>* lse, acc_t<T>* ent) {
     cuda_check(cuda::token_logprob_forward(x, rows(s), y, temp, logp, lse, ent,
-                                           at::cuda::getCurrentCUDAStream()));
+                                           c10::cuda::getCurrentCUDAStream()));
   }
   template <typename T>
   static void partials(const T* x, LogitsShape s, const int64_t* y, int64_t start, double temp,
                        const LogprobPartials<acc_t<T>>& o) {
     cuda_check(cuda::token_logprob_partials(x, rows(s), y, start, temp, o.max, o.sumexp, o.wsum,
-                                            o.target_z, at::cuda::getCurrentCUDAStream()));
+                                            o.target_z, c10::cuda::getCurrentCUDAStream()));
   }
   template <typename T>
   static void backward(const T* x, LogitsShape s, const int64_t* y, int64_t start, double temp,
-                       const acc_t<T>* lse, const LogprobGradCoefs<acc_t<T>>& c, T* g) {
+                       const acc_t<T>* lse, const LogprobGradCoefs<acc_t<T>>& c, T* g,
+                       int64_t g_stride) {
     cuda_check(cuda::token_logprob_backward(x, rows(s), y, start, temp, lse, c.target, c.p,
-                                            c.plogp, g, s.cols,
-                                            at::cuda::getCurrentCUDAStream()));
+                                            c.plogp, g, g_stride,
+                                            c10::cuda::getCurrentCUDAStream()));
   }
 };
 #endif
@@ -236,10 +241,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprob_partials_op(
   return {max, sumexp, wsum, target_z};
 }
 
+// Writes grad_logits into `grad` (a fresh tensor, or logits itself for the in-place form).
 template <typename Backend>
-Tensor token_logprob_bwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start,
-                         double temperature, const Tensor& lse, const Tensor& coef_target,
-                         const Tensor& coef_p, const OptTensor& coef_plogp) {
+void token_logprob_grad_into(const Tensor& logits, const Tensor& targets, int64_t vocab_start,
+                             double temperature, const Tensor& lse, const Tensor& coef_target,
+                             const Tensor& coef_p, const OptTensor& coef_plogp, Tensor& grad) {
   check_logits(logits, targets);
   const typename Backend::Guard guard(logits.device());
   check_temperature(temperature);
@@ -249,17 +255,37 @@ Tensor token_logprob_bwd(const Tensor& logits, const Tensor& targets, int64_t vo
   const Tensor b = checked_row_vector(coef_p, "coef_p", logits);
   const bool has_c = coef_plogp.has_value();
   const Tensor c = has_c ? checked_row_vector(*coef_plogp, "coef_plogp", logits) : Tensor();
-  Tensor grad = at::empty(logits.sizes(), logits.options());
+  const LogitsShape shape = shape_of(logits);
+  const int64_t grad_stride = grad.is_same(logits) ? shape.row_stride : shape.cols;
   dispatch_logits(logits.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const LogprobGradCoefs<A> coefs{a.const_data_ptr<A>(), b.const_data_ptr<A>(),
                                     has_c ? c.const_data_ptr<A>() : nullptr};
-    Backend::backward(reinterpret_cast<const T*>(logits.const_data_ptr()), shape_of(logits),
+    Backend::backward(reinterpret_cast<const T*>(logits.const_data_ptr()), shape,
                       y.const_data_ptr<int64_t>(), vocab_start, temperature,
-                      lse_c.const_data_ptr<A>(), coefs, reinterpret_cast<T*>(grad.data_ptr()));
+                      lse_c.const_data_ptr<A>(), coefs, reinterpret_cast<T*>(grad.data_ptr()),
+                      grad_stride);
   });
+}
+
+template <typename Backend>
+Tensor token_logprob_bwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start,
+                         double temperature, const Tensor& lse, const Tensor& coef_target,
+                         const Tensor& coef_p, const OptTensor& coef_plogp) {
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  token_logprob_grad_into<Backend>(logits, targets, vocab_start, temperature, lse, coef_target,
+                                   coef_p, coef_plogp, grad);
   return grad;
+}
+
+// In-place backward: the gradient overwrites the logits (no [N, V] allocation at all).
+template <typename Backend>
+void token_logprob_bwd_(Tensor& logits, const Tensor& targets, int64_t vocab_start,
+                        double temperature, const Tensor& lse, const Tensor& coef_target,
+                        const Tensor& coef_p, const OptTensor& coef_plogp) {
+  token_logprob_grad_into<Backend>(logits, targets, vocab_start, temperature, lse, coef_target,
+                                   coef_p, coef_plogp, logits);
 }
 
 
@@ -346,6 +372,9 @@ TORCH_LIBRARY(openr1_mega, m) {
         "float temperature, bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("token_logprob_bwd(Tensor logits, Tensor targets, int vocab_start, float temperature, "
         "Tensor lse, Tensor coef_target, Tensor coef_p, Tensor? coef_plogp) -> Tensor");
+  m.def("token_logprob_bwd_(Tensor(a!) logits, Tensor targets, int vocab_start, "
+        "float temperature, Tensor lse, Tensor coef_target, Tensor coef_p, Tensor? coef_plogp) "
+        "-> ()");
   m.def("grpo_advantage(Tensor rewards, Tensor? group_index, int group_size, int num_groups, "
         "str scale, float eps, bool unbiased, Tensor? token_index, Tensor? response_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -356,6 +385,7 @@ TORCH_LIBRARY_IMPL(openr1_mega, CPU, m) {
   m.impl("token_logprob_fwd", &openr1_mega::token_logprob_fwd<CpuBackend>);
   m.impl("token_logprob_partials", &openr1_mega::token_logprob_partials_op<CpuBackend>);
   m.impl("token_logprob_bwd", &openr1_mega::token_logprob_bwd<CpuBackend>);
+  m.impl("token_logprob_bwd_", &openr1_mega::token_logprob_bwd_<CpuBackend>);
   m.impl("grpo_advantage", &openr1_mega::grpo_advantage_op<CpuBackend>);
 }
 
@@ -365,6 +395,7 @@ TORCH_LIBRARY_IMPL(openr1_mega, CUDA, m) {
   m.impl("token_logprob_fwd", &openr1_mega::token_logprob_fwd<CudaBackend>);
   m.impl("token_logprob_partials", &openr1_mega::token_logprob_partials_op<CudaBackend>);
   m.impl("token_logprob_bwd", &openr1_mega::token_logprob_bwd<CudaBackend>);
+  m.impl("token_logprob_bwd_", &openr1_mega::token_logprob_bwd_<CudaBackend>);
   m.impl("grpo_advantage", &openr1_mega::grpo_advantage_op<CudaBackend>);
 }
 #endif

@@ -140,7 +140,8 @@ inline float exp_fast(float x) {
 // Compile the hot row loops once per x86 ISA level and pick one at load time (GCC/Clang
 // function multiversioning), so the library needs no -march=native and still runs on any CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define OPENR1_MEGA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define OPENR1_MEGA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define OPENR1_MEGA_CLONES
 #endif

@@ -26,6 +26,10 @@ def _groups_of(ids):
     return [groups[k] for k in sorted(groups)]
 
 
+def _f64(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def _expected(rewards, ids, scale, eps, unbiased):
     """Per-group loop in float64: (advantages, means, stds, zero-std count)."""
     r = rewards.double().reshape(-1)
@@ -41,7 +45,7 @@ def _expected(rewards, ids, scale, eps, unbiased):
         means.append(mean)
         stds.append(std)
         zero += int(bool((vals == vals[0]).all()))
-    return adv, torch.tensor(means, dtype=torch.float64), torch.tensor(stds, dtype=torch.float64), zero
+    return adv, _f64(means), _f64(stds), zero
 
 
 def _rewards(n, seed=0, levels=3):

@@ -92,6 +92,29 @@ def test_fp32_grad_matches_float64():
     torch.testing.assert_close(xk.grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_inplace_backward_matches_and_reuses_storage(with_entropy):
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(301, 8, dtype=torch.float64).bfloat16().float().requires_grad_()
+    t = _targets(6, 301)
+    grads = []
+    for inplace in (False, True):
+        logits = (hidden @ weight.T).bfloat16()
+        fn = ops.token_logprob_entropy if with_entropy else ops.token_logprob
+        out = fn(logits, t, 0.9, inplace_backward=inplace)
+        loss = out[0].sum() + 0.5 * out[1].sum() if with_entropy else out.sum()
+        grads.append(torch.autograd.grad(loss, (hidden, weight, logits)))
+    for plain, inplace in zip(grads[0][:2], grads[1][:2], strict=True):
+        torch.testing.assert_close(plain, inplace, rtol=0, atol=0)
+    assert torch.equal(grads[0][2], grads[1][2])
+
+
+def test_inplace_backward_refuses_logits_saved_elsewhere():
+    logits = (torch.randn(3, 10, requires_grad=True) * 1).exp()  # exp saves its output
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ops.token_logprob(logits, torch.tensor([0, 1, 2]), inplace_backward=True).sum().backward()
+
+
 def test_gradcheck_float64():
     x = _logits(3, 11, torch.float64).requires_grad_()
     t = _targets(3, 11)
@@ -145,13 +168,15 @@ def test_opcheck_partials_and_backward():
     coefs = (torch.randn(4), torch.randn(4), torch.randn(4))
     torch.library.opcheck(torch.ops.openr1_mega.token_logprob_bwd.default,
                           (x, t, 0, 1.0, lse, *coefs))
+    torch.library.opcheck(torch.ops.openr1_mega.token_logprob_bwd_.default,
+                          (x.clone(), t, 0, 1.0, lse, *coefs))
 
 
 def test_partials_and_backward_match_reference():
     x, t = _logits(6, 50, torch.bfloat16), _targets(6, 50)
     got = torch.ops.openr1_mega.token_logprob_partials(x[:, 20:], t, 20, 0.8, True)
     want = reference.token_logprob_partials_reference(x[:, 20:], t, 20, 0.8, True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     lse = torch.logsumexp(x.float() / 0.8, -1)
     coefs = (torch.randn(6), torch.randn(6), torch.randn(6))

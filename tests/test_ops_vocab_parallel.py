@@ -1,4 +1,5 @@
-"""vocab_parallel_token_logprob(_entropy) on 2 gloo ranks equals the unsplit result.
+"""vocab_parallel_token_logprob(_entropy) on 2 gloo ranks equals the unsplit result, and a
+target outside every shard raises a ValueError naming `targets` on every rank.
 
 Each rank builds the same full logits from a seed, keeps its vocab shard (uneven split, so
 V is not divisible by the world size), and returns its log-probs, entropies and the gradient
@@ -31,38 +32,47 @@ def _shard_bounds(rank):
     return (0, SPLIT) if rank == 0 else (SPLIT, V)
 
 
-def _rank_fn(rank, world_size, dtype):
+def _rank_fn(rank, world_size, dtype, inplace):
     logits, targets, (g_logp, g_ent) = _inputs(dtype)
     start, stop = _shard_bounds(rank)
     shard = logits[:, start:stop].clone().requires_grad_()
-    logp, ent = ops.vocab_parallel_token_logprob_entropy(shard, targets, start, dist.group.WORLD,
-                                                         TEMPERATURE)
-    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
     only_logp = ops.vocab_parallel_token_logprob(shard.detach(), targets, start, None, TEMPERATURE)
-    return logp, ent, shard.grad, only_logp
+    logp, ent = ops.vocab_parallel_token_logprob_entropy(
+        shard, targets, start, dist.group.WORLD, TEMPERATURE, inplace_backward=inplace
+    )
+    (grad,) = torch.autograd.grad((logp * g_logp).sum() + (ent * g_ent).sum(), shard)
+    assert (grad.data_ptr() == shard.data_ptr()) == inplace
+    # plain lists: tests/_dist.py ships results through a torch.multiprocessing queue, whose
+    # fd-shared tensors do not survive the worker's exit
+    return [t.detach().float().tolist() for t in (logp, ent, grad, only_logp)] + [
+        _bad_target_message(shard.detach(), targets, start)
+    ]
 
 
-def _rank_bad_target(rank, world_size):
-    logits, targets, _ = _inputs(torch.float32)
-    start, stop = _shard_bounds(rank)
+def _bad_target_message(shard, targets, start):
+    targets = targets.clone()
     targets[2] = V  # outside the global vocabulary: in no shard
     try:
-        ops.vocab_parallel_token_logprob(logits[:, start:stop], targets, start, None)
+        ops.vocab_parallel_token_logprob(shard, targets, start, None)
     except ValueError as err:
         return str(err)
     return ""
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_ranks_equal_unsplit(dtype):
-    results = run_world(_rank_fn, dtype, world_size=2)
+@pytest.mark.parametrize(
+    "dtype, inplace", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_two_ranks_equal_unsplit(dtype, inplace):
+    results = run_world(_rank_fn, dtype, inplace, world_size=2)
     logits, targets, (g_logp, g_ent) = _inputs(dtype)
     full = logits.clone().requires_grad_()
     logp, ent = ops.token_logprob_entropy(full, targets, TEMPERATURE)
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
     ref_logp, ref_ent = reference.token_logprob_entropy_reference(logits.double(), targets,
                                                                   TEMPERATURE)
-    grad = torch.cat([results[0][2], results[1][2]], dim=1)
+    assert all(r[4].startswith("targets:") for r in results), [r[4] for r in results]
+    results = [[torch.tensor(x) for x in rank_result[:4]] for rank_result in results]
+    grad = torch.cat([results[0][2], results[1][2]], dim=1).to(dtype)
     tol = dict(rtol=1e-5, atol=1e-5)
     for rank_logp, rank_ent, _, rank_only in results:
         torch.testing.assert_close(rank_logp.double(), ref_logp, **tol)
@@ -71,11 +81,6 @@ def test_two_ranks_equal_unsplit(dtype):
         torch.testing.assert_close(rank_only, rank_logp, rtol=0, atol=0)
     grad_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(grad, full.grad, **grad_tol)
-
-
-def test_target_outside_every_shard_names_targets():
-    messages = run_world(_rank_bad_target, world_size=2)
-    assert all(m.startswith("targets:") for m in messages), messages
 
 
 def test_negative_vocab_start_is_rejected():

@@ -107,7 +107,8 @@ void check_grpo(int64_t k, int64_t g, bool indexed, AdvantageScale scale) {
   CUDA_OK(cudaMalloc(&work, cuda::grpo_advantage_workspace_bytes(k)));
   const cuda::AdvantageArgs args{n, indexed ? dindex : nullptr, g, k, static_cast<int>(scale),
                                  1e-6, true, nullptr, nullptr, 0};
-  CUDA_OK(cuda::grpo_advantage(dr, args, dadv, static_cast<float*>(nullptr), dmean, dsd, dzero, work, nullptr));
+  CUDA_OK(cuda::grpo_advantage(dr, args, dadv, static_cast<float*>(nullptr), dmean, dsd, dzero,
+                               work, nullptr));
   const auto gadv = to_host(dadv, n), gmean = to_host(dmean, k), gsd = to_host(dsd, k);
   for (int64_t i = 0; i < n; ++i) CHECK_CLOSE(gadv[i], adv[i], 1e-5, 1e-6);
   for (int64_t j = 0; j < k; ++j) CHECK_CLOSE(gmean[j], mean[j], 1e-6, 1e-7);

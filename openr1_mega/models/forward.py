@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from openr1_mega.models.build import model_arch
+from openr1_mega.parallel.cpu_device import cuda_as_cpu
 
 
 @torch.no_grad()
@@ -32,10 +33,11 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
         output = chunk(ids, positions, None)
         return output, _identity_loss
 
-    out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter([input_ids]), model=[model],
-        num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
-        collect_non_loss_data=True)
+    with cuda_as_cpu():  # the schedule's bookkeeping tensors name "cuda"
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([input_ids]), model=[model],
+            num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
+            collect_non_loss_data=True)
     if not ps.is_pipeline_last_stage():
         return None
     logits = gather_from_tensor_model_parallel_region(out[0])

@@ -1,14 +1,14 @@
-"""Loads the compiled kernels (`openr1_mega._C`) once and says, per op and device, whether
-they serve; where they do not, the ops fall back to the pure-torch references in
+"""Loads the compiled kernels (`openr1_mega._C`) once, at import, and says per op and device
+whether they serve; where they do not, the ops fall back to the pure-torch references in
 `reference.py` after one warning.
 
+The answers are plain module-level values, so torch.compile traces `use_kernel` as constants.
 Set OPENR1_MEGA_DISABLE_EXTENSION=1 to force the references (tests use it to check the
 fallback).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -16,11 +16,12 @@ import warnings
 import torch
 
 DISABLE_ENV = "OPENR1_MEGA_DISABLE_EXTENSION"
+OPS = ("token_logprob_fwd", "token_logprob_partials", "token_logprob_bwd", "token_logprob_bwd_",
+       "grpo_advantage")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-@functools.cache
-def extension_loaded() -> bool:
+def _load() -> bool:
     """Import `openr1_mega._C` (registering the `openr1_mega::*` ops); warn once if it fails."""
     if os.environ.get(DISABLE_ENV, "0") == "1":
         reason = f"{DISABLE_ENV}=1"
@@ -35,27 +36,31 @@ def extension_loaded() -> bool:
         "references, which are slower and materialise fp32 [N, V] log-probs. Build the kernels "
         "with `pip install --no-build-isolation -e .`.",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     return False
 
 
-@functools.cache
-def _has_kernel(op: str, device_type: str) -> bool:
-    key = _DISPATCH_KEYS.get(device_type)
-    found = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"openr1_mega::{op}", key
-    )
-    if not found:
-        warnings.warn(
-            f"openr1_mega::{op} has no compiled kernel for device '{device_type}'; using the "
-            "pure-torch reference there.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return found
+_LOADED = _load()
+_KERNELS = {
+    (op, device_type): _LOADED
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"openr1_mega::{op}", key)
+    for op in OPS
+    for device_type, key in _DISPATCH_KEYS.items()
+}
+_warned_devices: set[str] = set()
+
+
+def extension_loaded() -> bool:
+    """True when the compiled extension was imported (its ops are registered)."""
+    return _LOADED
 
 
 def use_kernel(op: str, device: torch.device) -> bool:
     """True when the compiled `openr1_mega::<op>` has a kernel for `device`'s type."""
-    return extension_loaded() and _has_kernel(op, device.type)
+    found = _KERNELS.get((op, device.type), False)
+    if not found and _LOADED and device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(f"openr1_mega::{op} has no compiled kernel for device '{device.type}'; "
+                      "the pure-torch reference serves there.", RuntimeWarning, stacklevel=3)
+    return found

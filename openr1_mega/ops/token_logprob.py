@@ -30,33 +30,40 @@ from openr1_mega.ops._extension import extension_loaded, use_kernel
 __all__ = ["token_logprob", "token_logprob_entropy"]
 
 
-def token_logprob(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+def token_logprob(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, *, inplace_backward: bool = False
+) -> Tensor:
     """Log-probability of each target token under softmax(logits / temperature).
 
     Args:
         logits: [..., V] float32/float64/bfloat16/float16 (V may be any size, e.g. 151936).
         targets: [...] integer token ids in [0, V).
         temperature: T > 0; must equal the sampler's temperature.
+        inplace_backward: backward writes grad_logits over the logits' own storage, so the
+            step allocates no [N, V] tensor at all (Megatron's vocab-parallel cross entropy
+            does the same). Only when nothing reads the logits after backward (the usual
+            case: they come from the output layer, whose backward needs its inputs, not its
+            output); autograd raises if another op saved them. No retain_graph.
 
     Returns:
         [...] float32 (float64 for float64 logits), differentiable with respect to logits.
     """
-    return _token_logprob(logits, targets, temperature, with_entropy=False)[0]
+    return _token_logprob(logits, targets, temperature, False, inplace_backward)[0]
 
 
 def token_logprob_entropy(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, *, inplace_backward: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Target log-probabilities and the entropy of softmax(logits / temperature), fused.
 
     Same arguments as `token_logprob`; returns (logp [...], entropy [...]), both
     differentiable with respect to logits.
     """
-    return _token_logprob(logits, targets, temperature, with_entropy=True)
+    return _token_logprob(logits, targets, temperature, True, inplace_backward)
 
 
 def _token_logprob(
-    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool, inplace: bool
 ) -> tuple[Tensor, Tensor]:
     check_logits(logits)
     temperature = check_temperature(temperature)
@@ -64,7 +71,11 @@ def _token_logprob(
     targets = check_targets(targets, lead, logits.device)
     check_target_range(targets, 0, vocab)
     rows = as_rows(logits)
-    if use_kernel("token_logprob_fwd", logits.device):
+    if inplace and use_kernel("token_logprob_bwd_", logits.device):
+        logp, entropy = _InplaceBackwardLogprob.apply(
+            rows, targets.reshape(-1), temperature, with_entropy
+        )
+    elif use_kernel("token_logprob_fwd", logits.device):
         logp, _, entropy = torch.ops.openr1_mega.token_logprob_fwd(
             rows, targets.reshape(-1), temperature, with_entropy
         )
@@ -156,6 +167,29 @@ def backward_rows(
     )
 
 
+class _InplaceBackwardLogprob(torch.autograd.Function):
+    """token_logprob_fwd whose backward overwrites the logits with their gradient."""
+
+    @staticmethod
+    def forward(ctx, rows, targets, temperature, with_entropy):
+        logp, lse, entropy = torch.ops.openr1_mega.token_logprob_fwd(
+            rows, targets, temperature, with_entropy
+        )
+        ctx.save_for_backward(rows, targets, lse, entropy if with_entropy else None)
+        ctx.temperature = temperature
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        rows, targets, lse, entropy = ctx.saved_tensors
+        coefs = grad_coefficients(grad_logp, None, grad_entropy, entropy, lse)
+        torch.ops.openr1_mega.token_logprob_bwd_(rows, targets, 0, ctx.temperature, lse, *coefs)
+        torch.autograd.graph.increment_version(rows)  # other saved users of the logits now fail
+        return rows, None, None, None
+
+
 def _register() -> None:
     """Fake kernels for the compiled ops and autograd for token_logprob_fwd."""
 
@@ -177,6 +211,11 @@ def _register() -> None:
     @torch.library.register_fake("openr1_mega::token_logprob_bwd")
     def _bwd_fake(logits, targets, vocab_start, temperature, lse, coef_target, coef_p, coef_plogp):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("openr1_mega::token_logprob_bwd_")
+    def _bwd_inplace_fake(logits, targets, vocab_start, temperature, lse, coef_target, coef_p,
+                          coef_plogp):
+        return None
 
     def setup_context(ctx, inputs, output):
         logits, targets, temperature, with_entropy = inputs

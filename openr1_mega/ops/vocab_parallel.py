@@ -27,6 +27,7 @@ from openr1_mega.ops._checks import (
     check_targets,
     check_temperature,
 )
+from openr1_mega.ops._extension import use_kernel
 from openr1_mega.ops.token_logprob import as_rows, backward_rows, grad_coefficients, partials
 
 __all__ = ["vocab_parallel_token_logprob", "vocab_parallel_token_logprob_entropy"]
@@ -38,6 +39,8 @@ def vocab_parallel_token_logprob(
     vocab_start: int,
     group: dist.ProcessGroup | None,
     temperature: float = 1.0,
+    *,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Log-probs of global target ids from this rank's vocab shard, combined over `group`.
 
@@ -47,12 +50,15 @@ def vocab_parallel_token_logprob(
         vocab_start: first global vocab id of this shard.
         group: the tensor-parallel process group (None: the default group).
         temperature: T > 0, the sampler's.
+        inplace_backward: write the shard's gradient over logits_shard (see
+            `openr1_mega.ops.token_logprob`).
 
     Returns:
         [...] float32 (float64 for float64 logits), equal on every rank; differentiable with
         respect to logits_shard.
     """
-    return _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, False)[0]
+    return _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, False,
+                           inplace_backward)[0]
 
 
 def vocab_parallel_token_logprob_entropy(
@@ -61,12 +67,16 @@ def vocab_parallel_token_logprob_entropy(
     vocab_start: int,
     group: dist.ProcessGroup | None,
     temperature: float = 1.0,
+    *,
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(logp, entropy) of the full-vocabulary softmax from a vocab shard; see above."""
-    return _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, True)
+    return _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, True,
+                           inplace_backward)
 
 
-def _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, with_entropy):
+def _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, with_entropy,
+                    inplace):
     check_logits(logits_shard, "logits_shard")
     temperature = check_temperature(temperature)
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
@@ -75,7 +85,8 @@ def _vocab_parallel(logits_shard, targets, vocab_start, group, temperature, with
     targets = check_targets(targets, lead, logits_shard.device)
     check_target_range(targets, 0, torch.iinfo(torch.int64).max)
     logp, entropy = _VocabParallelLogprob.apply(
-        as_rows(logits_shard), targets.reshape(-1), vocab_start, group, temperature, with_entropy
+        as_rows(logits_shard), targets.reshape(-1), vocab_start, group, temperature, with_entropy,
+        inplace,
     )
     return logp.reshape(lead), entropy.reshape(lead) if with_entropy else entropy
 
@@ -110,14 +121,14 @@ def _check_owners(owners: Tensor) -> None:
 
 class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, targets, vocab_start, group, temperature, with_entropy):
+    def forward(ctx, rows, targets, vocab_start, group, temperature, with_entropy, inplace):
         m, s, w, target_z = partials(rows, targets, vocab_start, temperature, with_entropy)
         local = targets - vocab_start
         owned = (local >= 0) & (local < rows.shape[-1])
         logp, lse, entropy, owners = _combine(m, s, w, target_z, owned, group, with_entropy)
         _check_owners(owners)
         ctx.save_for_backward(rows, targets, lse, entropy if with_entropy else None)
-        ctx.vocab_start, ctx.temperature = vocab_start, temperature
+        ctx.vocab_start, ctx.temperature, ctx.inplace = vocab_start, temperature, inplace
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -126,5 +137,11 @@ class _VocabParallelLogprob(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         rows, targets, lse, entropy = ctx.saved_tensors
         coefs = grad_coefficients(grad_logp, None, grad_entropy, entropy, lse)
+        if ctx.inplace and use_kernel("token_logprob_bwd_", rows.device):
+            torch.ops.openr1_mega.token_logprob_bwd_(
+                rows, targets, ctx.vocab_start, ctx.temperature, lse, *coefs
+            )
+            torch.autograd.graph.increment_version(rows)
+            return rows, None, None, None, None, None, None
         grad = backward_rows(rows, targets, ctx.vocab_start, ctx.temperature, lse, coefs)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None

@@ -3,11 +3,8 @@
 Megatron-Core 0.16.1 assumes a GPU in a handful of places that are not kernels but
 plumbing. Where no CUDA device exists, `install()` makes "the device" mean the CPU:
 
-- `torch.cuda.current_device()` returns "cpu" (Megatron passes it as `device=`),
-  `Tensor.cuda()` / `torch.cuda.synchronize()` become no-ops, and a torch-function mode
-  (`DeviceToCpuMode`, pushed for the main thread) turns the literal `device="cuda"` that
-  Megatron's pipeline schedules, optimizer and grad clipping pass to tensor factories
-  and `Tensor.to` into "cpu" (and drops `pin_memory=True`);
+- `torch.cuda.current_device()` returns "cpu" (Megatron passes it as `device=`), and
+  `Tensor.cuda()` / `torch.cuda.synchronize()` become no-ops;
 - the model-parallel RNG tracker becomes `CpuRNGStatesTracker`: each named state (TP,
   expert, data-parallel) lives in its own generator state, swapped into the CPU default
   generator only inside `fork()` and swapped back after, so the default generator's
@@ -17,6 +14,10 @@ plumbing. Where no CUDA device exists, `install()` makes "the device" mean the C
   (this one also on CUDA machines without TE).
 The MoE `alltoall` dispatcher creates CUDA streams; `config.to_megatron` selects the
 `allgather` dispatcher on CPU instead. With CUDA present, `install()` does nothing.
+Megatron's pipeline schedules and aux-loss trackers also create bookkeeping tensors with a
+literal `device="cuda"`; callers run those inside `parallel.cpu_device.cuda_as_cpu()`, a
+scoped torch-function mode (not installed globally: it would tax every torch call of the
+process, vLLM's included).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.overrides import TorchFunctionMode
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.moe import moe_utils
 
@@ -56,28 +56,6 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(outer)
-
-
-class DeviceToCpuMode(TorchFunctionMode):
-    """Rewrite CUDA device arguments of torch calls to the CPU (only used without CUDA)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_cuda(kwargs.get("device")):
-            kwargs = {**kwargs, "device": "cpu"}
-        if kwargs.get("pin_memory"):
-            kwargs = {**kwargs, "pin_memory": False}
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
-
-
-def _is_cuda(device) -> bool:
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    return isinstance(device, int) and not isinstance(device, bool)
 
 
 def _get_device_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
@@ -116,7 +94,6 @@ def install() -> bool:
     mcore_random._set_cuda_rng_state = _set_device_rng_state
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    DeviceToCpuMode().__enter__()  # stays pushed for the life of the process
     _INSTALLED = True
     return True
 

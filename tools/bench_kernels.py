@@ -1,0 +1,258 @@
+"""Benchmark the fused kernels against the pure-torch eager reference and torch.compile of it.
+
+    .venv/bin/python tools/bench_kernels.py --device cpu --out bench/results/kernels-cpu.json
+
+token_logprob, forward + backward of sum(logp * g) w.r.t. bf16 logits [N, V]:
+    kernel    openr1_mega.ops.token_logprob(logits, targets)
+    inplace   the same with inplace_backward=True (grad written over the logits)
+    eager     torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    compiled  torch.compile(eager)
+grpo_advantage, forward, B completions in groups of G:
+    kernel    openr1_mega.ops.grpo_advantage(rewards, group_size=G)
+    eager     openr1_mega.ops.reference.grpo_advantage_reference (same outputs, float64)
+    compiled  torch.compile(eager)
+    trl       (r.view(-1, G) - mean) / (std + eps) in float32, advantages only (for context)
+Time: median over --repeats runs after one warm-up. Peak extra memory: the most memory in use
+during one run above what was in use just before it (inputs allocated). On CPU it is the
+process's resident set: the kernel's high-water mark is reset through /proc/self/clear_refs
+and VmHWM read back (exact, no sampling; glibc serves these large tensors with mmap, so freed
+memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_allocated.
+"scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
+(every method but the in-place one must allocate it). On CUDA the forward's bandwidth (N*V*2 bytes read once) is also compared with a
+device-to-device copy of the logits (read + write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from openr1_mega import ops
+from openr1_mega.ops import reference
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--n", type=int, default=2048, help="token_logprob rows N")
+    p.add_argument("--vocab", type=int, default=151936, help="token_logprob vocab size V")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--completions", type=int, default=1 << 20, help="grpo_advantage B")
+    p.add_argument("--group-size", type=int, default=16, help="grpo_advantage G")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: bench/results/kernels-<device>.json")
+    return p.parse_args(argv)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: str, setup=None) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up; setup() runs untimed."""
+    setup = setup or (lambda: None)
+    setup()
+    fn()
+    times = []
+    for _ in range(repeats):
+        setup()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn, device: str) -> int:
+    """Peak memory in use during fn() above the memory in use just before it."""
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) * 1024
+
+
+def logprob_step(fn, logits: torch.Tensor, targets: torch.Tensor, grad_out: torch.Tensor):
+    """One forward + backward of sum(fn(logits, targets) * grad_out) w.r.t. the logits."""
+
+    def step():
+        logp = fn(logits, targets)
+        return torch.autograd.grad(logp, logits, grad_out)
+
+    return step
+
+
+def _inplace_token_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ops.token_logprob(logits, targets, inplace_backward=True)
+
+
+def eager_token_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def measure(name: str, step, repeats: int, device: str, setup=None) -> dict:
+    seconds = median_time(step, repeats, device, setup)
+    if setup:
+        setup()
+    peak = peak_extra_bytes(step, device)
+    print(f"  {name:<9} {seconds * 1e3:10.1f} ms   peak extra {peak / 2**20:9.1f} MiB", flush=True)
+    return {"seconds": seconds, "peak_extra_bytes": peak}
+
+
+def bench_token_logprob(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    logits = (torch.randn(args.n, args.vocab, generator=gen, device=args.device) * 2).to(dtype)
+    logits.requires_grad_()
+    pristine = logits.detach().clone()  # the in-place backward overwrites the logits
+    targets = torch.randint(0, args.vocab, (args.n,), generator=gen, device=args.device)
+    grad_out = torch.randn(args.n, generator=gen, device=args.device)
+    methods = {"kernel": (ops.token_logprob, None),
+               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine)),
+               "eager": (eager_token_logprob, None)}
+    if not args.no_compile:
+        methods["compiled"] = (torch.compile(eager_token_logprob), None)
+    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}", flush=True)
+    results = {name: measure(name, logprob_step(fn, logits, targets, grad_out), args.repeats,
+                             args.device, setup)
+               for name, (fn, setup) in methods.items()}
+    del pristine
+    grad_bytes = logits.numel() * logits.element_size()
+    for name, r in results.items():  # the in-place grad allocates nothing to subtract
+        r["scratch_bytes"] = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
+    with torch.no_grad():
+        results["kernel"]["forward_seconds"] = median_time(
+            lambda: ops.token_logprob(logits, targets), args.repeats, args.device)
+        results["eager"]["forward_seconds"] = median_time(
+            lambda: eager_token_logprob(logits, targets), args.repeats, args.device)
+    out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
+                      "grad_logits_bytes": grad_bytes},
+           "results": results, "ratios": _ratios(results)}
+    if args.device == "cuda":
+        out["bandwidth"] = _cuda_bandwidth(logits.detach(), results["kernel"]["forward_seconds"],
+                                           args.repeats)
+    return out
+
+
+def _ratios(results: dict) -> dict:
+    ratios = {}
+    for ours in ("kernel", "inplace"):
+        for name in ("eager", "compiled"):
+            if name in results:
+                mine, base = results[ours], results[name]
+                ratios[f"{ours}_speedup_vs_{name}"] = base["seconds"] / mine["seconds"]
+                for key in ("peak_extra", "scratch"):
+                    ratios[f"{ours}_{key}_vs_{name}"] = _fraction(mine[f"{key}_bytes"],
+                                                                   base[f"{key}_bytes"])
+    return ratios
+
+
+def _fraction(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def _cuda_bandwidth(logits: torch.Tensor, forward_seconds: float, repeats: int) -> dict:
+    """Forward read bandwidth vs a device-to-device copy (read + write) of the same tensor."""
+    dst = torch.empty_like(logits)
+    copy_seconds = median_time(lambda: dst.copy_(logits), repeats, "cuda")
+    nbytes = logits.numel() * logits.element_size()
+    forward_bw, copy_bw = nbytes / forward_seconds, 2 * nbytes / copy_seconds
+    return {"forward_bytes_per_s": forward_bw, "copy_bytes_per_s": copy_bw,
+            "fraction_of_copy": forward_bw / copy_bw}
+
+
+def bench_grpo(args) -> dict:
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    b, g = args.completions, args.group_size
+    rewards = torch.randint(0, 3, (b,), generator=gen, device=args.device).float() / 2
+
+    def eager():
+        return reference.grpo_advantage_reference(rewards, None, g, b // g)
+
+    def trl():
+        grouped = rewards.view(-1, g)
+        return (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)
+
+    methods = {"kernel": lambda: ops.grpo_advantage(rewards, group_size=g), "eager": eager}
+    if not args.no_compile:
+        methods["compiled"] = torch.compile(eager)
+    methods["trl"] = trl
+    print(f"grpo_advantage, B={b} G={g}", flush=True)
+    results = {name: measure(name, fn, args.repeats, args.device)
+               for name, fn in methods.items()}
+    for r in results.values():
+        r["scratch_bytes"] = r["peak_extra_bytes"]
+    ratios = {f"speedup_vs_{n}": results[n]["seconds"] / results["kernel"]["seconds"]
+              for n in results if n != "kernel"}
+    return {"config": {"completions": b, "group_size": g}, "results": results, "ratios": ratios}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def print_ratios(report: dict) -> None:
+    for op in ("token_logprob", "grpo_advantage"):
+        for key, value in report[op]["ratios"].items():
+            print(f"{op:<15} {key:<34} {'n/a' if value is None else f'{value:8.3f}'}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not ops.kernels_available():
+        sys.exit("openr1_mega._C is not built: run `pip install --no-build-isolation -e .` first")
+    out = args.out or Path(f"bench/results/kernels-{args.device}.json")
+    report = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": "median of --repeats after a warm-up; peak extra memory: VmHWM - VmRSS "
+                  "(CPU) or max_memory_allocated (CUDA) above the memory in use before the run",
+        "token_logprob": bench_token_logprob(args),
+        "grpo_advantage": bench_grpo(args),
+    }
+    print_ratios(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
