@@ -50,11 +50,12 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe", "qwen2_moe"])
-def test_sync_matches_transformers(tmp_path, arch):
+@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen2", True), ("qwen3", False),
+                                        ("qwen3_moe", False), ("qwen2_moe", True)])
+def test_sync_matches_transformers(tmp_path, arch, tied):
     from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 
-    base = write_tiny_model(tmp_path / "base", arch, seed=0)
+    base = write_tiny_model(tmp_path / "base", arch, seed=0, tie_word_embeddings=tied)
     engine = RolloutEngine(base, EngineConfig(dtype="float32"))
     assert _max_diff(engine.prompt_logprobs(SEQUENCES), _hf_logprobs(base)) < 1e-4
 

@@ -15,7 +15,9 @@ Two load routes, chosen per tensor:
   w2 [E, H, I]), zero-padded and prepacked exactly as vLLM's CPU experts do after
   loading, and copied in with `is_checkpoint_format=False`. On GPU backends the experts
   go through the checkpoint-format route like every other tensor.
-Both routes are proven by the log-prob parity tests (tests/test_weight_sync.py).
+With tied embeddings the LM head has no tensor of its own and is re-derived from the
+embedding after the load. Every route is proven by the log-prob parity tests
+(tests/test_weight_sync.py).
 """
 
 from __future__ import annotations
@@ -85,9 +87,25 @@ def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
         missing = {layer: 3 * cpu_experts[layer].num_experts - len(t)
                    for layer, t in pending_experts.items()}
         raise ValueError(f"weight sync got incomplete experts (layer: missing tensors): {missing}")
+    _refresh_tied_lm_head(engine)
     engine.llm.reset_prefix_cache()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _refresh_tied_lm_head(engine) -> None:
+    """Re-derive a tied LM head's kernel weights from the (just updated) embedding.
+
+    With tied embeddings the checkpoint has no lm_head tensor, so a reload never
+    reprocesses the head; on CPU its matmul uses a copy packed at start-up, which would
+    keep producing logits from the old embedding.
+    """
+    if not engine.llm.llm_engine.model_config.hf_config.tie_word_embeddings:
+        return
+    head = getattr(engine.model(), "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
 
 
 def replicate_to_all_ranks(named_tensors: Iterable[tuple[str, torch.Tensor]]
