@@ -69,7 +69,8 @@ def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
 def run_megatron(hf_dir: Path, layout: dict, input_ids: torch.Tensor,
                  source: Path | None = None, export: bool = True) -> dict:
     """Build `layout`, load weights (HF dir, or dist checkpoint `source`), return numpy
-    logits (last stage, else None) and the exported HF tensors (rank 0, else None)."""
+    logits (last stage, else None), the exported HF tensors (rank 0, else None), the
+    checkpoint's extra_state and the model (for the worker's own use)."""
     from openr1_mega.checkpoint import dist as dist_ckpt
     from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights
     from openr1_mega.config import ParallelConfig, PrecisionConfig
@@ -80,12 +81,13 @@ def run_megatron(hf_dir: Path, layout: dict, input_ids: torch.Tensor,
     parallel = ParallelConfig(**layout)
     initialize(parallel)
     model = build_model(hf_dir, parallel, precision=PrecisionConfig(dtype="fp32"))
+    extra = None
     if source is None:
         load_hf_weights(model, hf_dir)
     else:
-        dist_ckpt.load(model, None, source)
+        extra = dist_ckpt.load(model, None, source)
     model.eval()
     logits = forward_logits(model, input_ids)
     tensors = {n: t.cpu().numpy().copy() for n, t in iter_hf_tensors(model)} if export else {}
     return {"logits": None if logits is None else logits.numpy(),
-            "export": tensors or None, "model": model}
+            "export": tensors or None, "extra": extra, "model": model}

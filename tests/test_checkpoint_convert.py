@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from openr1_mega.checkpoint.safetensors_io import INDEX, HFReader, HFWriter, copy_hf_assets
@@ -91,7 +90,4 @@ def test_cli_refuses_to_overwrite_and_reports(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["command"] == "hf-to-mcore" and Path(report["out"]) == out
     assert (out / "metadata.json").exists() and (out / "openr1_checkpoint.json").exists()
-    bad_cmd = [a if a != "2" else "3" for a in cmd]  # --tp 3 does not split 2 KV heads
-    bad = subprocess.run(bad_cmd + ["--force"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "not divisible by parallel.tp=3" in bad.stderr
-    assert np.all([p.name in {"mcore", "qwen2"} for p in tmp_path.iterdir()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mcore", "qwen2"]  # no temp dirs

@@ -225,3 +225,11 @@ def test_property_matches_reference_and_bounds(n, v, temperature, scale, seed):
 def test_errors_name_the_argument(call, arg):
     with pytest.raises(ValueError, match=f"^{arg}"):
         call()
+
+
+def test_meta_tensors_infer_shapes_through_the_fake_kernels():
+    x = torch.empty(2, 3, 10, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(2, 3, device="meta", dtype=torch.long)
+    logp, ent = ops.token_logprob_entropy(x, t)
+    assert logp.shape == ent.shape == (2, 3) and logp.dtype == torch.float32
+    assert ops.grpo_advantage(torch.empty(8, device="meta"), group_size=4).shape == (8,)

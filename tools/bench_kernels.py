@@ -18,14 +18,16 @@ process's resident set: the kernel's high-water mark is reset through /proc/self
 and VmHWM read back (exact, no sampling; glibc serves these large tensors with mmap, so freed
 memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_allocated.
 "scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
-(every method but the in-place one must allocate it). On CUDA the forward's bandwidth (N*V*2 bytes read once) is also compared with a
-device-to-device copy of the logits (read + write).
+(every method but the in-place one must allocate it). On CUDA the forward's bandwidth
+(N*V*2 bytes read once) is also compared with a device-to-device copy of the logits
+(read + write). The JSON records the 1-minute load average: the 2-core CI machine is shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -142,10 +144,10 @@ def bench_token_logprob(args) -> dict:
     results = {name: measure(name, logprob_step(fn, logits, targets, grad_out), args.repeats,
                              args.device, setup)
                for name, (fn, setup) in methods.items()}
-    del pristine
     grad_bytes = logits.numel() * logits.element_size()
     for name, r in results.items():  # the in-place grad allocates nothing to subtract
-        r["scratch_bytes"] = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
+        own = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
+        r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
     with torch.no_grad():
         results["kernel"]["forward_seconds"] = median_time(
             lambda: ops.token_logprob(logits, targets), args.repeats, args.device)
@@ -230,6 +232,14 @@ def print_ratios(report: dict) -> None:
             print(f"{op:<15} {key:<34} {'n/a' if value is None else f'{value:8.3f}'}")
 
 
+def _python_path() -> str:
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return exe.name
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -238,8 +248,9 @@ def main(argv=None) -> dict:
         sys.exit("openr1_mega._C is not built: run `pip install --no-build-isolation -e .` first")
     out = args.out or Path(f"bench/results/kernels-{args.device}.json")
     report = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([_python_path(), *sys.argv]),
         "device": device_name(args.device),
+        "load_average_1m": os.getloadavg()[0],  # other jobs on the machine skew the timings
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": "median of --repeats after a warm-up; peak extra memory: VmHWM - VmRSS "

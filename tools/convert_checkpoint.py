@@ -21,8 +21,8 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from openr1_mega.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from openr1_mega.config.schema import ParallelConfig
 
 
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if Path(args.out).exists() and not args.force:  # before the heavy imports
+            raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
         return convert(args)
     except (FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"convert_checkpoint: error: {err}", file=sys.stderr)
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    from openr1_mega.checkpoint.convert import hf_to_mcore, mcore_to_hf
+
     start = time.perf_counter()
     if args.command == "hf-to-mcore":
         layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)

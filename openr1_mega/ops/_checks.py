@@ -1,7 +1,7 @@
 """Input checks shared by the ops: every failure is a ValueError naming the argument.
 
 Value checks on targets (range) read the tensor, which is a host sync on a GPU; they are
-skipped while torch.compile traces, where the kernels' own guards remain.
+skipped while torch.compile traces and on meta tensors, where the kernels' own guards remain.
 """
 
 from __future__ import annotations
@@ -48,9 +48,14 @@ def check_targets(targets: Tensor, lead_shape: torch.Size, device: torch.device)
     return targets.long()
 
 
+def values_readable(t: Tensor) -> bool:
+    """Whether value checks may read `t`: not while torch.compile traces, not on meta."""
+    return t.numel() > 0 and t.device.type != "meta" and not torch.compiler.is_compiling()
+
+
 def check_target_range(targets: Tensor, low: int, high: int) -> None:
-    """Every target in [low, high) (skipped under torch.compile: no data-dependent branch)."""
-    if targets.numel() == 0 or torch.compiler.is_compiling():
+    """Every target in [low, high) (skipped where `values_readable` is False)."""
+    if not values_readable(targets):
         return
     bad = (targets < low) | (targets >= high)
     if bool(bad.any()):  # host sync on a GPU

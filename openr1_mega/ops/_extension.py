@@ -47,7 +47,7 @@ _KERNELS = {
     and torch._C._dispatch_has_kernel_for_dispatch_key(f"openr1_mega::{op}", key)
     for op in OPS
     for device_type, key in _DISPATCH_KEYS.items()
-}
+} | {(op, "meta"): _LOADED for op in OPS}  # the fake kernels registered in openr1_mega.ops
 _warned_devices: set[str] = set()
 
 

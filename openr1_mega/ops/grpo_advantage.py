@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from openr1_mega.ops import reference
+from openr1_mega.ops._checks import values_readable
 from openr1_mega.ops._extension import extension_loaded, use_kernel
 
 __all__ = ["GrpoAdvantageStats", "grpo_advantage", "grpo_advantage_stats"]
@@ -162,7 +163,7 @@ def _check_tokens(flat: Tensor, token_index, response_mask):
     if token_index.device != flat.device or response_mask.device != flat.device:
         raise ValueError(f"token_index: token_index and response_mask must be on {flat.device}")
     tokens, mask = token_index.long(), response_mask.bool()
-    if tokens.numel() and not torch.compiler.is_compiling():
+    if values_readable(tokens):
         bad = mask & ((tokens < 0) | (tokens >= flat.numel()))
         if bool(bad.any()):  # host sync on a GPU
             raise ValueError(f"token_index: unmasked tokens must index a completion in "
