@@ -8,6 +8,7 @@ returned in rank order. A failure on any rank re-raises here with that rank's tr
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -26,7 +27,8 @@ def _worker(rank, world_size, port, fn, args, queue):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # pickled here: tensors sent as-is are shared by file descriptor and vanish with us
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - shipped to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -48,7 +50,7 @@ def run_world(fn, *args, world_size: int = 2, timeout: float = 600.0) -> list:
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
