@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from openr1_mega.eval.sources import write_atomic
+from openr1_mega.utils.io import atomic_file
 
 _SHARD = re.compile(r"train-(\d{5})-of-(\d{5})\.parquet")
 
@@ -45,19 +45,9 @@ def write_parquet_atomic(path: Path, rows: list[dict[str, Any]], schema: Any = N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=schema)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        pq.write_table(table, f)
     _fsync_dir(path.parent)
     return path
 

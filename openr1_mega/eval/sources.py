@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from openr1_mega.utils.io import atomic_file
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -106,20 +106,9 @@ def sha256_rows(rows: Iterable[dict[str, Any]]) -> str:
 
 def write_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temp file + fsync + rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
