@@ -8,7 +8,7 @@
    (examples/recipes/demo/grpo.yaml), evaluated on held-out problems before and during RL.
 It prints the held-out accuracy after each stage and writes outputs/demo/grpo/metrics.png.
 
-    python -m openr1_mega.demo [--out outputs/demo] [grpo.steps=20 ...]
+    python -m openr1_mega.demo [--out outputs/demo] [--sft sft.epochs=1 ...] [grpo.steps=20 ...]
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo")
+    parser.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for the SFT recipe (repeatable)")
     parser.add_argument("grpo_overrides", nargs="*", help="dotted.key=value for the GRPO recipe")
     args = parser.parse_args(argv)
     out = Path(args.out)
     base = build_base_model(out / "base")
     sft.main(["--recipe", str(RECIPES / "sft.yaml"), f"model.path={base}",
-              f"run.output_dir={out / 'sft'}"])
+              f"run.output_dir={out / 'sft'}", *args.sft])
     final = grpo.main(["--recipe", str(RECIPES / "grpo.yaml"), f"model.path={out / 'sft' / 'hf'}",
                        f"run.output_dir={out / 'grpo'}", *args.grpo_overrides])
     rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
