@@ -27,9 +27,9 @@ def tiny(root: Path, arch: str, tied: bool) -> Path:
     return out
 
 
-def batch(vocab: int = 393, seed: int = 0) -> torch.Tensor:
-    """[2, 37] random token ids (odd length)."""
-    return torch.randint(0, vocab, (2, 37), generator=torch.Generator().manual_seed(seed))
+def batch(vocab: int = 393, seed: int = 0, seq: int = 37) -> torch.Tensor:
+    """[2, seq] random token ids (odd length by default)."""
+    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

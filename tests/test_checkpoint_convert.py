@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from openr1_mega.checkpoint.safetensors_io import INDEX, HFReader, HFWriter, copy_hf_assets
+from openr1_mega.checkpoint.safetensors_io import INDEX, HFReader, HFWriter
 from tests._dist import run_world
 from tests._mcore_helpers import ARCHS, assert_same_tensors, hf_tensors, tiny
 
@@ -19,15 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_writer_shards_and_reader_reads_back(tmp_path):
     tensors = {f"t{i}": torch.randn(3, 5 + i).to(torch.bfloat16 if i % 2 else torch.float32)
                for i in range(5)}
-    writer = HFWriter(tmp_path / "out", max_shard_bytes=50)
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    writer = HFWriter(tmp_path / "out", plan, max_shard_bytes=50)
     for name, t in tensors.items():
         writer.add(name, t)
     writer.close()
     index = json.loads((tmp_path / "out" / INDEX).read_text())
-    assert len(set(index["weight_map"].values())) == 5  # every pair exceeds 50 bytes: one tensor per shard
+    # any two tensors exceed 50 bytes: one tensor per shard
+    assert len(set(index["weight_map"].values())) == 5
     reader = HFReader(tmp_path / "out")
     for name, t in tensors.items():
         assert reader.dtype(name) == t.dtype and torch.equal(reader.get(name), t)
+    wrong = HFWriter(tmp_path / "wrong", plan)
+    with pytest.raises(ValueError, match="expected tensor"):
+        wrong.add("t1", tensors["t1"])
 
 
 def _round_trips(rank, world, cases, root):

@@ -2,7 +2,9 @@
 
 Every architecture, tied and untied embeddings, at TP=1; then in one 2-rank gloo world:
 TP=2 for all four, EP=2 (and TP=2 with expert-TP 1) for the MoE models, PP=2 for a
-dense model untied and tied (the tied output layer lives on the last stage).
+dense model untied and tied (the tied output layer lives on the last stage), and TP=2 with
+sequence parallelism for a MoE model (which Megatron requires to train MoE with TP > 1;
+the sequence, 38 here, must split evenly across TP ranks).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ WORLD2_CASES = [
     ("qwen3_moe", False, {"tp": 2, "ep": 2, "etp": 1}),
     ("qwen2", False, {"pp": 2}),
     ("qwen3", True, {"pp": 2}),
+    ("qwen2_moe", False, {"tp": 2, "sequence_parallel": True}),
 ]
 
 
@@ -42,19 +45,22 @@ def models(tmp_path_factory):
     return {(arch, tied): tiny(root, arch, tied) for arch, tied in sorted(cases)}
 
 
-def _run_cases(rank, world, cases, input_ids):
+def _ids_for(layout: dict):
+    return batch(seq=38) if layout.get("sequence_parallel") else batch()
+
+
+def _run_cases(rank, world, cases):
     results = []
     for hf_dir, layout in cases:
-        out = run_megatron(hf_dir, layout, input_ids)
+        out = run_megatron(hf_dir, layout, _ids_for(layout))
         results.append({"logits": out["logits"], "export": out["export"]})
     return results
 
 
 def _check(models, cases, layouts, results_by_rank):
-    ids = batch()
-    for i, ((arch, tied), layout) in enumerate(zip(cases, layouts)):
+    for i, ((arch, tied), layout) in enumerate(zip(cases, layouts, strict=True)):
         what = f"{arch} tied={tied} {layout}"
-        want = hf_logits(models[arch, tied], ids)
+        want = hf_logits(models[arch, tied], _ids_for(layout))
         got = [r[i]["logits"] for r in results_by_rank if r[i]["logits"] is not None]
         assert got, f"{what}: no rank returned logits"
         for logits in got:  # every last-stage rank holds the TP-gathered logits
@@ -66,13 +72,13 @@ def _check(models, cases, layouts, results_by_rank):
 
 def test_tp1_logits_and_export_all_archs(models):
     cases = [(models[c], {}) for c in TP1_CASES]
-    results = run_world(_run_cases, cases, batch(), world_size=1)
+    results = run_world(_run_cases, cases, world_size=1)
     _check(models, TP1_CASES, [{}] * len(TP1_CASES), results)
 
 
 @pytest.mark.slow
 def test_tp2_ep2_pp2_logits_and_export(models):
     cases = [(models[a, t], layout) for a, t, layout in WORLD2_CASES]
-    results = run_world(_run_cases, cases, batch(), world_size=2)
+    results = run_world(_run_cases, cases, world_size=2)
     _check(models, [(a, t) for a, t, _ in WORLD2_CASES], [c[2] for c in WORLD2_CASES],
            results)

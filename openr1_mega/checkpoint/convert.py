@@ -13,13 +13,14 @@ hf_to_mcore: torch DCP saves the meta state dict through a planner whose `resolv
 mcore_to_hf: layer group by layer group, real tensors are allocated for the group's
   entries of the meta state dict, `dist_checkpointing.load` fills them (any saved TP/PP/EP
   layout; Megatron reshards), the weight map turns them into HF tensors, and HFWriter
-  writes shards of bounded size. Peak memory: one layer group plus one output shard.
+  streams them into pre-planned shards. Peak memory: about one layer group.
 Because torch_dist checkpoints are layout-independent, `--tp/--pp/--ep` at conversion only
 validate the layout and set the vocabulary padding (multiple of 128 x TP).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -48,7 +49,7 @@ from openr1_mega.checkpoint.dist import (
     tmp_dir_for,
     write_info,
 )
-from openr1_mega.checkpoint.hf import param_index
+from openr1_mega.checkpoint.hf import export_plan, param_index
 from openr1_mega.checkpoint.safetensors_io import HFReader, HFWriter, copy_hf_assets
 from openr1_mega.config.schema import ArchConfig, ParallelConfig, PrecisionConfig
 from openr1_mega.config.to_megatron import TORCH_DTYPES, precision_name
@@ -56,7 +57,6 @@ from openr1_mega.models.archs import arch_config, weight_map
 from openr1_mega.models.archs.common import to_hf, to_mcore
 from openr1_mega.models.build import build_model, validate_layout
 from openr1_mega.parallel import init
-
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, *,
@@ -106,14 +106,15 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: str | None
     model = _meta_model(arch, dtype or info["dtype"], info["layout"]["tp"])
     state, out_dtype = model.sharded_state_dict(), TORCH_DTYPES.get(dtype)
     tmp = tmp_dir_for(out)
-    writer = HFWriter(tmp, max_shard_bytes)
+    writer = HFWriter(tmp, export_plan(arch, out_dtype or TORCH_DTYPES[info["dtype"]]),
+                      max_shard_bytes)
     wmap = weight_map(arch)
     for _, rules in tqdm(list(wmap.groups()), desc="mcore-to-hf", unit="group",
                          disable=not progress):
         exported = [r for r in rules if r.export]
         loaded = _load_entries(state, [r.mcore for r in exported], mcore_dir)
         for rule in exported:
-            for name, tensor in zip(rule.hf, to_hf(rule, loaded[rule.mcore], arch)):
+            for name, tensor in zip(rule.hf, to_hf(rule, loaded[rule.mcore], arch), strict=True):
                 writer.add(name, tensor if out_dtype is None else tensor.to(out_dtype))
     writer.close()
     copy_hf_assets(assets, tmp)
@@ -142,8 +143,8 @@ def _load_entries(state: dict, names: list[str], ckpt_dir: Path) -> dict[str, to
     plain leading dimensions of size 1 first. Data is loaded in place into `full`.
     """
     sub, full = {}, {}
-    for name in names:
-        entry = state[name]
+    for name in names:  # shallow copies: `state` keeps its meta tensors, memory is freed
+        entry = copy.copy(state[name])
         entry.data = full[name] = torch.empty(entry.data.shape, dtype=entry.data.dtype)
         sub[name] = entry
     apply_factories(sub)

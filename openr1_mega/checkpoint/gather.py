@@ -68,7 +68,7 @@ def _receive_group(g: int, rules: tuple[Rule, ...], tables: list, local: list[to
         if not entries:
             continue
         tensors = local if src == 0 else _unpack(_recv(entries, src, device), entries)
-        for (i, tp, _, _), tensor in zip(entries, tensors):
+        for (i, tp, _, _), tensor in zip(entries, tensors, strict=True):
             shards[i][tp] = tensor
     return [(rules[i], unshard(rules[i], [parts[k] for k in sorted(parts)]))
             for i, parts in sorted(shards.items())]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from openr1_mega.checkpoint.gather import gather_groups, tp_coords
 from openr1_mega.checkpoint.safetensors_io import HFReader, HFWriter, copy_hf_assets
+from openr1_mega.config.schema import ArchConfig
 from openr1_mega.models.archs import weight_map
 from openr1_mega.models.archs.common import hf_shapes, shard, to_hf, to_mcore
 from openr1_mega.models.build import model_arch, unwrap
@@ -76,7 +77,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
         if param is None:
             continue
         tensors = [reader.get(n) for n in rule.hf]
-        for name, t, want in zip(rule.hf, tensors, hf_shapes(rule, arch)):
+        for name, t, want in zip(rule.hf, tensors, hf_shapes(rule, arch), strict=True):
             if tuple(t.shape) != want:
                 raise ValueError(f"{hf_dir}: {name} has shape {tuple(t.shape)}, expected {want}")
         full = to_mcore(rule, tensors, arch, gpt.vocab_size)
@@ -98,8 +99,9 @@ def iter_hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None
 
     Collective: every rank of the job must iterate this generator to the end, in step.
     Tensors are un-fused (q/k/v, gate/up), un-padded (vocab) and per expert (MoE), in the
-    hub's on-disk naming; they live on the gathering device (GPU under NCCL) and are
-    views of a per-layer buffer, valid until the next layer is yielded.
+    hub's on-disk naming. They live on the gathering device (GPU under NCCL) and are views
+    of a per-layer receive buffer or, for what rank 0 holds itself, of the live parameters:
+    copy them if they must outlive the next optimizer step.
 
     Args:
         model: the (possibly wrapped) Megatron model built by `build_model`.
@@ -108,8 +110,14 @@ def iter_hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None
     arch = model_arch(model)
     for _, full_tensors in gather_groups(weight_map(arch), param_index(model)):
         for rule, full in full_tensors:
-            for name, tensor in zip(rule.hf, to_hf(rule, full, arch)):
+            for name, tensor in zip(rule.hf, to_hf(rule, full, arch), strict=True):
                 yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def export_plan(arch: ArchConfig, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    """(HF name, shape, dtype) of every exported tensor, in the order they are produced."""
+    return [(name, shape, dtype) for rule in weight_map(arch).rules() if rule.export
+            for name, shape in zip(rule.hf, hf_shapes(rule, arch), strict=True)]
 
 
 def save_hf(model: torch.nn.Module, out_dir: str | Path, assets_dir: str | Path | None = None,
@@ -118,7 +126,10 @@ def save_hf(model: torch.nn.Module, out_dir: str | Path, assets_dir: str | Path 
 
     `assets_dir` (config.json, tokenizer files) is copied alongside when given.
     """
-    writer = HFWriter(out_dir, max_shard_bytes) if dist.get_rank() == 0 else None
+    writer = None
+    if dist.get_rank() == 0:
+        plan = export_plan(model_arch(model), dtype or unwrap(model).config.params_dtype)
+        writer = HFWriter(out_dir, plan, max_shard_bytes)
     for name, tensor in iter_hf_tensors(model, dtype):
         writer.add(name, tensor)
     if writer is not None:

@@ -2,9 +2,10 @@
 
 HFReader reads one tensor at a time with plain `readinto` (no mmap: a memory map keeps
 every page it touched resident, so converting a 70B model would count the whole file in
-the process's RSS). HFWriter buffers tensors into shards of at most `max_shard_bytes`
-and writes each shard when it is full, plus `model.safetensors.index.json` when there is
-more than one; peak memory is one shard plus the tensors being produced.
+the process's RSS). HFWriter plans shards of at most `max_shard_bytes` from the known
+list of (name, shape, dtype), writes each shard's header up front and every tensor's
+bytes the moment it arrives, plus `model.safetensors.index.json` when there is more than
+one shard; it buffers nothing.
 
 Format: 8-byte little-endian header length, JSON header {name: {dtype, shape,
 data_offsets}}, then the raw bytes (offsets relative to the end of the header).
@@ -85,69 +86,88 @@ class HFReader:
 
 
 class HFWriter:
-    """Write tensors into safetensors shards of bounded size, then the index."""
+    """Stream tensors straight into safetensors shards planned from their names and shapes.
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 2 << 30) -> None:
+    The whole output is known before the first byte (the weight map gives every name,
+    shape and dtype), so each shard's header is written when the shard is opened and every
+    tensor goes to disk as soon as it arrives: nothing is buffered. Tensors must arrive
+    in `entries` order; a different name, shape or dtype is an error.
+    """
+
+    def __init__(self, out_dir: str | Path, entries: list[tuple[str, tuple[int, ...],
+                                                               torch.dtype]],
+                 max_shard_bytes: int = 2 << 30) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
-        self._weight_map: dict[str, str] = {}
-        self._shards: list[str] = []
-        self.total_bytes = 0
+        self._shards = _plan_shards(entries, max_shard_bytes)
+        n = len(self._shards)
+        self._names = [SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                       for i in range(n)]
+        self._queue = [(i, e) for i, shard in enumerate(self._shards) for e in shard]
+        self._next = 0
+        self._file = None
+        self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in entries)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a full shard is written out first."""
-        if name in self._weight_map or name in self._buffer:
-            raise ValueError(f"tensor {name!r} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffered + size > self.max_shard_bytes:
-            self.flush()
-        self._buffer[name] = tensor.detach().cpu().contiguous()
-        self._buffered += size
-
-    def flush(self) -> None:
-        """Write the buffered tensors as the next shard."""
-        if not self._buffer:
-            return
-        shard = f"model-{len(self._shards) + 1:05d}.safetensors"
-        write_safetensors(self.dir / shard, self._buffer)
-        self._shards.append(shard)
-        self._weight_map.update(dict.fromkeys(self._buffer, shard))
-        self.total_bytes += self._buffered
-        self._buffer, self._buffered = {}, 0
+        """Write the next planned tensor."""
+        if self._next >= len(self._queue):
+            raise ValueError(f"tensor {name!r} is beyond the planned {len(self._queue)}")
+        shard, (want, shape, dtype) = self._queue[self._next]
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        if got != (want, tuple(shape), dtype):
+            raise ValueError(f"expected tensor {(want, tuple(shape), dtype)}, got {got}")
+        if self._file is None:
+            self._file = open(self.dir / self._names[shard], "wb")
+            _write_header(self._file, self._shards[shard])
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(data.numpy())  # buffer protocol: no copy
+        self._next += 1
+        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
+            self._file.close()
+            self._file = None
 
     def close(self) -> None:
-        """Flush, then name shards model-0000i-of-0000n (or model.safetensors) + index."""
-        self.flush()
-        n = len(self._shards)
-        names = {s: SINGLE if n == 1 else s.replace(".safetensors", f"-of-{n:05d}.safetensors")
-                 for s in self._shards}
-        for old, new in names.items():
-            (self.dir / old).rename(self.dir / new)
-        if n > 1:
+        """Check every planned tensor arrived; write the index when there are shards."""
+        if self._next != len(self._queue):
+            missing = [e[0] for _, e in self._queue[self._next:]][:5]
+            raise ValueError(f"{len(self._queue) - self._next} planned tensors never written, "
+                             f"e.g. {missing}")
+        if len(self._shards) > 1:
+            weight_map = {name: self._names[i] for i, shard in enumerate(self._shards)
+                          for name, _, _ in shard}
             index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {k: names[v] for k, v in sorted(self._weight_map.items())}}
+                     "weight_map": dict(sorted(weight_map.items()))}
             (self.dir / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` to one safetensors file, streaming each tensor's bytes."""
+def _plan_shards(entries: list, max_shard_bytes: int) -> list[list]:
+    shards, size = [[]], 0
+    for name, shape, dtype in entries:
+        nbytes = _nbytes(shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
+        size += nbytes
+    return shards
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def _write_header(f, entries: list) -> None:
     header, offset = {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+    for name, shape, dtype in entries:
+        nbytes = _nbytes(shape, dtype)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            f.write(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
 
 
 def copy_hf_assets(src: str | Path, dst: str | Path) -> None:
