@@ -25,6 +25,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert 0.0 <= result["sft_accuracy"] <= 1.0 and 0.0 <= result["grpo_accuracy"] <= 1.0
-    assert "held-out accuracy" in proc.stdout
+    assert "held-out pass@1" in proc.stdout and "held-out greedy accuracy" in proc.stdout
     assert (tmp_path / "grpo" / "metrics.png").stat().st_size > 0
     assert (tmp_path / "sft" / "hf" / "model.safetensors").exists()

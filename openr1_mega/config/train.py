@@ -116,6 +116,10 @@ class GrpoConfig:
     """Reward name -> options passed to get_reward."""
     eval_every: int = 0
     """Evaluate held-out accuracy every N steps from the live engine; 0: only at the end."""
+    eval_samples: int = 4
+    """Samples per held-out problem for pass@1 (plus one greedy completion)."""
+    eval_temperature: float = 0.6
+    """Sampling temperature of the held-out pass@1 (open-r1 / lighteval use 0.6)."""
 
     def __post_init__(self) -> None:
         from openr1_mega.rl.losses import LOSS_TYPES
@@ -125,7 +129,8 @@ class GrpoConfig:
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ValueError(f"grpo.advantage_scale={self.advantage_scale!r}: "
                              "expected group, batch or none")
-        for name in ("steps", "prompts_per_step", "micro_batch_tokens", "num_iterations"):
+        for name in ("steps", "prompts_per_step", "micro_batch_tokens", "num_iterations",
+                     "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"grpo.{name}={getattr(self, name)}: must be >= 1")
         if not self.rewards:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
     if start == 0 and rows.eval:  # the starting policy's held-out accuracy, as step 0
-        logger.log(0, {"eval/accuracy": accuracy_on(ctx, engine, rows.eval, r, recipe)})
+        logger.log(0, accuracy_on(ctx, engine, rows.eval, r, recipe))
     for step in tqdm(range(start, g.steps), desc="grpo", disable=not ctx.is_rank0,
                      initial=start, total=g.steps):
         timer = {"start": time.perf_counter()}
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         timer["sync"] = time.perf_counter()
         last = _step_metrics(step_metrics, reward_metrics, stats, completions, timer, sync, r)
         if g.eval_every and (step + 1) % g.eval_every == 0 or step + 1 == g.steps:
-            last["eval/accuracy"] = accuracy_on(ctx, engine, rows.eval, r, recipe)
+            last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))
         if ctx.is_rank0 and step % recipe.run.log_every == 0 or step + 1 == g.steps:
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:

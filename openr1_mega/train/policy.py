@@ -210,7 +210,8 @@ def finish(ctx: Context, run, step: int, logger) -> None:
 
         if logger.path.exists():
             plot_metrics(read_metrics(logger.path),
-                         ["reward/total/mean", "eval/accuracy", "completion_length/mean", "loss"],
+                         ["reward/total/mean", "eval/accuracy", "eval/accuracy_greedy",
+                          "completion_length/mean", "loss"],
                          Path(run.output_dir) / "metrics.png")
     logger.close()
 
