@@ -71,3 +71,11 @@ def _check_supported(hf: PretrainedConfig) -> None:
         raise NotImplementedError(f"{hf.model_type}: use_sliding_window=True is not supported")
     if getattr(hf, "hidden_act", "silu") != "silu":
         raise NotImplementedError(f"{hf.model_type}: hidden_act={hf.hidden_act!r} (need silu)")
+
+
+def moe_fields(hf: PretrainedConfig) -> dict:
+    """The MoEArch fields that Qwen2-MoE and Qwen3-MoE configs spell alike."""
+    return dict(num_experts=hf.num_experts, topk=hf.num_experts_per_tok,
+                ffn_hidden_size=hf.moe_intermediate_size,
+                norm_topk_prob=bool(hf.norm_topk_prob), layer_pattern=moe_layer_pattern(hf),
+                aux_loss_coeff=float(hf.router_aux_loss_coef))

@@ -6,7 +6,7 @@ from transformers import PretrainedConfig
 
 from openr1_mega.config.schema import ArchConfig, MoEArch
 from openr1_mega.models.archs import common
-from openr1_mega.models.archs.hf_fields import common_fields, moe_layer_pattern
+from openr1_mega.models.archs.hf_fields import common_fields, moe_fields
 
 MODEL_TYPE = "qwen2_moe"
 
@@ -14,12 +14,7 @@ MODEL_TYPE = "qwen2_moe"
 def arch_config(hf: PretrainedConfig) -> ArchConfig:
     """ArchConfig of a Qwen2-MoE config; dense layers (mlp_only_layers) use intermediate_size."""
     moe = MoEArch(
-        num_experts=hf.num_experts,
-        topk=hf.num_experts_per_tok,
-        ffn_hidden_size=hf.moe_intermediate_size,
-        norm_topk_prob=bool(hf.norm_topk_prob),
-        layer_pattern=moe_layer_pattern(hf),
-        aux_loss_coeff=float(hf.router_aux_loss_coef),
+        **moe_fields(hf),
         shared_expert_ffn_hidden_size=hf.shared_expert_intermediate_size,
         shared_expert_gate=True,
     )

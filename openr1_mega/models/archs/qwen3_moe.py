@@ -6,7 +6,7 @@ from transformers import PretrainedConfig
 
 from openr1_mega.config.schema import ArchConfig, MoEArch
 from openr1_mega.models.archs import common
-from openr1_mega.models.archs.hf_fields import common_fields, moe_layer_pattern
+from openr1_mega.models.archs.hf_fields import common_fields, moe_fields
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -14,12 +14,7 @@ MODEL_TYPE = "qwen3_moe"
 def arch_config(hf: PretrainedConfig) -> ArchConfig:
     """ArchConfig of a Qwen3-MoE config (q/k norms as Qwen3, no shared expert)."""
     moe = MoEArch(
-        num_experts=hf.num_experts,
-        topk=hf.num_experts_per_tok,
-        ffn_hidden_size=hf.moe_intermediate_size,
-        norm_topk_prob=bool(hf.norm_topk_prob),
-        layer_pattern=moe_layer_pattern(hf),
-        aux_loss_coeff=float(hf.router_aux_loss_coef),
+        **moe_fields(hf),
     )
     return ArchConfig(arch=MODEL_TYPE, qkv_bias=bool(getattr(hf, "attention_bias", False)),
                       qk_norm=True, moe=moe, **common_fields(hf))
