@@ -90,6 +90,15 @@ class RunResult:
     seconds: float
 
 
+def program_interpreter() -> str:
+    """The base interpreter behind this (virtual) environment.
+
+    Programs run with `-I -S` on the standard library only, so they need no venv; the venv
+    may also live under /tmp, which the sandbox replaces with its private tmpfs.
+    """
+    return os.path.realpath(sys.executable)
+
+
 def _prefixes(python: str) -> list[str]:
     """Directories the interpreter needs: its install prefix, and this venv when it is ours."""
     prefixes = {os.path.dirname(os.path.dirname(os.path.realpath(python)))}
@@ -258,7 +267,7 @@ def run_program(source: str, stdin: str = "", limits: Limits | None = None,
     start = time.monotonic()
     try:
         process = _start(source, stdin, limits, isolation, uid, workdir,
-                         python or sys.executable)
+                         python or program_interpreter())
         out, err, limit_hit = _read_bounded(process, limits)
         if limit_hit or isolation == "rlimits":
             _stop(process, isolation)
