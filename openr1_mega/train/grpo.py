@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
     recipe = load_config(args.recipe, args.overrides, GrpoRecipe)
     g, r = recipe.grpo, recipe.rollout
-    ctx = policy_lib.setup(recipe, kind="grpo")
+    ctx = policy_lib.setup(recipe)
     rows = policy_lib.prompt_rows(recipe, ctx.tokenizer)
     rewards = policy_lib.reward_set(g) if ctx.is_rank0 else None
     ref_model = policy_lib.reference_model(recipe) if g.beta > 0 else None

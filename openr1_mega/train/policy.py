@@ -44,7 +44,7 @@ class PromptRows:
     eval: list[dict]
 
 
-def setup(recipe, kind: str) -> Context:
+def setup(recipe) -> Context:
     """Process groups, tokenizer, the policy (HF weights loaded), DDP and optimizer."""
     from transformers import AutoTokenizer
 
@@ -132,8 +132,9 @@ def sync_engine(ctx: Context, engine: RolloutEngine) -> float:
     return time.perf_counter() - start
 
 
-def sampling(r, seed: int, n: int | None = None) -> SamplingConfig:
-    return SamplingConfig(n=n or r.group_size, temperature=r.temperature, top_p=r.top_p,
+def sampling(r, seed: int) -> SamplingConfig:
+    """The rollout sampling of a recipe's `rollout:` section (G completions per prompt)."""
+    return SamplingConfig(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
                           max_tokens=r.max_tokens, stop=tuple(r.stop), seed=seed)
 
 

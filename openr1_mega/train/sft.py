@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
     recipe = load_config(args.recipe, args.overrides, SftRecipe)
     s = recipe.sft
-    ctx = policy_lib.setup(recipe, kind="sft")
+    ctx = policy_lib.setup(recipe)
     dp = ps.get_data_parallel_world_size()
     if s.rows_per_step % dp:
         raise ValueError(f"sft.rows_per_step={s.rows_per_step} must be a multiple of the "
