@@ -25,13 +25,14 @@ def _completions(vocab: int) -> list[Completion]:
 
 
 def _one_grpo_step(rank, world, hf_dir, tp, ep):
+    from megatron.core import parallel_state as ps
+
     from openr1_mega.checkpoint.hf import load_hf_weights
     from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
     from openr1_mega.config.train import GrpoConfig, OptimConfig, RolloutConfig
     from openr1_mega.models.build import build_model
     from openr1_mega.parallel.init import initialize
     from openr1_mega.train.grpo import _grpo_forward
-    from megatron.core import parallel_state as ps
     from openr1_mega.train.step import build_optimizer, train_step, wrap_ddp
 
     parallel = ParallelConfig(tp=tp, ep=ep)

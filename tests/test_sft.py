@@ -4,7 +4,6 @@ and TP=2 gives the loss of TP=1."""
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from openr1_mega.models.tiny import write_tiny_model
 from tests._dist import run_world
@@ -16,10 +15,10 @@ def _loss_both_ways(rank, world, hf_dir, tp):
     from openr1_mega.checkpoint.hf import load_hf_weights
     from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
     from openr1_mega.config.train import SftConfig
+    from openr1_mega.data.chat import encode_conversation
     from openr1_mega.models.build import build_model
     from openr1_mega.parallel.init import initialize
     from openr1_mega.train.sft import _rows, conversations, eval_loss
-    from openr1_mega.data.chat import encode_conversation
 
     parallel = ParallelConfig(tp=tp)
     initialize(parallel, seed=0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,8 +31,7 @@ from tqdm import tqdm
 from openr1_mega import ops
 from openr1_mega.config.load import load_config, to_dict
 from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
-from openr1_mega.config.train import (DataConfig, GrpoConfig, OptimConfig, RolloutConfig,
-                                      RunConfig)
+from openr1_mega.config.train import DataConfig, GrpoConfig, OptimConfig, RolloutConfig, RunConfig
 from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import policy as policy_lib

@@ -25,8 +25,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
@@ -89,7 +92,9 @@ class CpuAdamW:
         """Adam moments as ShardedTensors laid out like their parameters (resharding-safe),
         the step count as one common value; the format of Megatron's FP32Optimizer."""
         from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map, optim_state_to_sharding_state)
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
 
         if is_loading:
             self._init_state()
