@@ -51,9 +51,7 @@ def setup(recipe) -> Context:
     initialize(recipe.parallel, seed=recipe.run.seed)
     model_dir = Path(recipe.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = build_model(model_dir, recipe.parallel, precision=recipe.precision,
-                        model=recipe.model)
-    load_hf_weights(model, model_dir)
+    model = _initial_policy(recipe)
     ddp = wrap_ddp(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Context(model=model, ddp=ddp, optimizer=build_optimizer(ddp, recipe.optim),
@@ -63,10 +61,15 @@ def setup(recipe) -> Context:
 
 def reference_model(recipe) -> torch.nn.Module:
     """A frozen copy of the initial policy (for the KL term)."""
+    return _initial_policy(recipe).eval().requires_grad_(False)
+
+
+def _initial_policy(recipe) -> torch.nn.Module:
+    """This rank's Megatron model for the recipe, with the HF weights of model.path loaded."""
     model = build_model(Path(recipe.model.path), recipe.parallel, precision=recipe.precision,
                         model=recipe.model)
     load_hf_weights(model, Path(recipe.model.path))
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def prompt_rows(recipe, tokenizer) -> PromptRows:
