@@ -22,7 +22,7 @@ from openr1_mega.rl.rewards.accuracy import (
 )
 from openr1_mega.rl.rewards.pool import shared_pool
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared/data/math500.jsonl"
+MATH500 = Path(__file__).resolve().parents[1] / "data/math500.jsonl"
 # sympy spends seconds on each of these before our alarm stops it
 ADVERSARIAL = ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{10^{10^{10}}}", "\\boxed{99999999!}",
                "\\boxed{\\int_0^\\infty e^{-x^{99}}\\sin(x^{77}) dx}"]

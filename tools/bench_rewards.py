@@ -128,10 +128,10 @@ def bench_code(workers: int, runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/math500.jsonl")
+    parser.add_argument("--data", type=Path, default=REPO / "data/math500.jsonl")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup-data", type=Path,
-                        default=REPO.parent / "shared/data/math_train.jsonl")
+                        default=REPO / "data/math_train.jsonl")
     parser.add_argument("--repeat", type=int, default=1, help="copies of MATH-500 per call")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per setting (median)")
     parser.add_argument("--code-runs", type=int, default=40)

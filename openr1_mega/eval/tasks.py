@@ -12,7 +12,7 @@ A task has a kind that decides prompt and scoring (eval/scoring.py):
   code    rows {id, problem, test_cases[{input, output}], fn_name?, starter_code?}
           (LiveCodeBench): the LCB code-generation prompt; scored by the rewards sandbox.
 Rows are read from a local file (by default `<data dir>/<file>`, the data dir being
-$OPENR1_DATA_DIR or the `shared/data` folder next to or inside the repository), or from
+$OPENR1_DATA_DIR or the repository's own `data/` folder, see data/README.md), or from
 the hub by name when no local file exists (or `prefer="hub"`). Hub rows are mapped to the
 schema above by the task's `from_hub` function.
 """
@@ -134,21 +134,18 @@ def get_spec(name: str) -> TaskSpec:
 
 
 def default_data_dir() -> Path | None:
-    """$OPENR1_DATA_DIR, else the first existing `shared/data` beside/inside the repo or cwd."""
+    """$OPENR1_DATA_DIR, else the repository's `data/` (shipped with its provenance)."""
     if os.environ.get("OPENR1_DATA_DIR"):
         return Path(os.environ["OPENR1_DATA_DIR"])
-    repo = Path(__file__).resolve().parents[2]
-    for base in (repo, repo.parent, Path.cwd(), Path.cwd().parent):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    return None
+    repo_data = Path(__file__).resolve().parents[2] / "data"
+    return repo_data if repo_data.is_dir() else None
 
 
 def _resolve_source(spec: TaskSpec, source: str | None, data_dir: Path | None,
                     prefer: str) -> str:
     if source is not None:
         return source
-    local = (data_dir or default_data_dir() or Path("shared/data")) / (spec.local_file or "")
+    local = (data_dir or default_data_dir() or Path("data")) / (spec.local_file or "")
     if prefer != "hub" and spec.local_file and local.is_file():
         return str(local)
     if prefer == "local" or spec.hub is None:

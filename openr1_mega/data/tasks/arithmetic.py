@@ -1,6 +1,6 @@
 """Multi-digit addition with a worked, column-by-column reasoning trace.
 
-Each row has the fields of ../shared/data (`id`, `problem`, `answer`) plus `solution`:
+Each row has the fields of the benchmark files in data/ (`id`, `problem`, `answer`) plus `solution`:
 a trace in the R1 format, `<think>` digit sums with carries `</think><answer>` sum
 `</answer>`, written by a programmatic solver. The SFT cold start learns the format
 and the procedure from these traces; GRPO then sharpens it with the accuracy reward.
