@@ -4,6 +4,7 @@ and TP=2 gives the loss of TP=1."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from openr1_mega.models.tiny import write_tiny_model
 from tests._dist import run_world
@@ -28,7 +29,8 @@ def _loss_both_ways(rank, world, hf_dir, tp):
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     config = SftConfig(num_train=24, seq_length=256)
     examples = [encode_conversation(tokenizer, m) for m in conversations(config, seed=0)]
-    ctx = SimpleNamespace(model=model, vocab_size=len(tokenizer))
+    ctx = SimpleNamespace(model=model, ddp=model, vocab_size=len(tokenizer),
+                          device=torch.device("cpu"))
     packed = _rows(examples, config, pad_id=0)
     padded = _rows(examples, SftConfig(num_train=24, seq_length=256, pack=False), pad_id=0)
     return {"packed": eval_loss(ctx, packed), "padded": eval_loss(ctx, padded),

@@ -102,8 +102,8 @@ def _one_step(ddp, optimizer, sequences, vocab) -> None:
 
         return output, loss_func
 
-    train_step(ddp, optimizer, batches, forward_step, seq_length=max(map(len, sequences)),
-               lr=optimizer.param_groups[0]["lr"])
+    train_step(ddp, optimizer, batches, forward_step, lr=optimizer.param_groups[0]["lr"],
+               metric_names=("loss",))
 
 
 def _trainer_logprobs(model, sequences, vocab) -> list[torch.Tensor]:

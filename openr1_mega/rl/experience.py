@@ -8,6 +8,9 @@ Shapes (B completions, S = longest prompt + completion in a micro-batch):
   advantages [B]
 Right padding keeps every real token's causal context intact, so no attention mask is
 needed; micro-batches group completions of similar length to waste few padded tokens.
+S is rounded up to `width_multiple` (sequence/context parallelism split the sequence across
+ranks); the extra columns are padding with mask 0, so they never reach the loss or metrics.
+Tensors are built on `device`, the model's.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class MicroBatch:
 
 
 def micro_batches(completions: list[Completion], advantages: torch.Tensor, token_budget: int,
-                  pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1
+                  pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1,
+                  *, width_multiple: int = 1, device: torch.device | str = "cpu"
                   ) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches of at most `token_budget` padded tokens.
 
@@ -45,10 +49,12 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
     needs: its token dispatch is a collective inside every forward.
     Raises ValueError when a single completion is longer than the budget.
     """
-    lengths = [len(c.prompt_ids) + len(c.completion_ids) for c in completions]
+    lengths = [_padded(len(c.prompt_ids) + len(c.completion_ids), width_multiple)
+               for c in completions]
     too_long = [i for i, n in enumerate(lengths) if n > token_budget]
     if too_long:
-        raise ValueError(f"completion {too_long[0]} has {lengths[too_long[0]]} tokens > "
+        raise ValueError(f"completion {too_long[0]} has {lengths[too_long[0]]} tokens (padded "
+                         f"to a multiple of {width_multiple}) > "
                          f"grpo.micro_batch_tokens={token_budget}")
     order = sorted(range(len(completions)), key=lambda i: lengths[i])
     groups, current = [], []
@@ -60,25 +66,29 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
         current.append(i)
     if current:
         groups.append(current)
+    advantages = advantages.to(device=device, dtype=torch.float32)
     batches = []
     for group in groups:
-        width = max(lengths[j] for j in group)
         mine = group[rank::world]
-        rows = -(-len(group) // world)
         batches.append(_collate([completions[i] for i in mine], advantages[mine],
-                                torch.tensor(mine, dtype=torch.long), pad_id, mask_truncated,
-                                num_rows=rows, width=width))
+                                torch.tensor(mine, dtype=torch.long, device=device), pad_id,
+                                mask_truncated, num_rows=-(-len(group) // world),
+                                width=max(lengths[j] for j in group), device=device))
     return batches
 
 
+def _padded(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
 def _collate(rows: list[Completion], advantages: torch.Tensor, index: torch.Tensor,
-             pad_id: int, mask_truncated: bool, num_rows: int, width: int) -> MicroBatch:
-    """[num_rows, width] tensors; rows past len(rows) are empty (all padding, mask 0)."""
+             pad_id: int, mask_truncated: bool, num_rows: int, width: int,
+             device: torch.device | str) -> MicroBatch:
+    """[num_rows, width] tensors on `device`; rows past len(rows) are empty (all padding,
+    mask 0). Filled on the host, then moved in one copy per tensor."""
     ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros(num_rows, width - 1)
     sampler = torch.zeros(num_rows, width - 1)
-    adv = torch.zeros(num_rows)
-    adv[:len(rows)] = advantages.to(torch.float32)
     for b, c in enumerate(rows):
         p, n = len(c.prompt_ids), len(c.completion_ids)
         ids[b, :p + n] = torch.tensor(c.prompt_ids + c.completion_ids)
@@ -86,5 +96,9 @@ def _collate(rows: list[Completion], advantages: torch.Tensor, index: torch.Tens
             mask[b, p - 1:p - 1 + n] = 1.0
         if c.logprobs:
             sampler[b, p - 1:p - 1 + n] = torch.tensor(c.logprobs)
-    positions = torch.arange(width).expand(num_rows, -1)
-    return MicroBatch(ids, positions, ids[:, 1:], mask, sampler, adv, index)
+    adv = torch.zeros(num_rows, device=device)
+    adv[:len(rows)] = advantages
+    ids = ids.to(device)
+    positions = torch.arange(width, device=device).expand(num_rows, -1)
+    return MicroBatch(ids, positions, ids[:, 1:], mask.to(device), sampler.to(device), adv,
+                      index)

@@ -2,13 +2,16 @@
 
 Each step (Shao et al. 2024, DeepSeekMath; with DAPO's clip-higher and loss options):
   1. take `prompts_per_step` prompts (order fixed by (seed, step): resumable);
-  2. rank 0's vLLM engine samples G completions per prompt; rank 0 scores them with the
-     recipe's rewards (weighted sum) and broadcasts completions + rewards to all ranks;
+  2. every rank's colocated vLLM engine samples G completions for its share of the
+     prompts; all ranks receive the completions, rank 0 scores them with the recipe's
+     rewards (weighted sum) and broadcasts the rewards;
   3. group-normalised advantages (ops.grpo_advantage); each data-parallel rank takes its
-     share of completions, packed into token-budgeted micro-batches;
+     share of completions, packed into token-budgeted micro-batches on the model's device,
+     their widths padded to what sequence/context parallelism needs (rl/experience.py);
   4. old log-probs (only when num_iterations > 1) and reference log-probs (only when
-     beta > 0) by forward passes; then num_iterations optimizer steps on the policy loss
-     (rl/losses.py) with global denominators (train/step.py);
+     beta > 0) by forward-only passes through the pipeline schedule; then num_iterations
+     optimizer steps on the policy loss (GrpoLoss -> rl/losses.py) with global
+     denominators (train/step.py); metrics are the step's global values on every rank;
   5. the updated weights stream into vLLM (rl/weight_sync.py), no disk involved;
   6. metrics to JSONL/TensorBoard; held-out accuracy every `eval_every` steps; a
      dist-checkpoint every `save_every` steps; an HF export at the end.
@@ -20,6 +23,7 @@ Each step (Shao et al. 2024, DeepSeekMath; with DAPO's clip-higher and loss opti
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +41,13 @@ from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.train.logprobs import logits_to_logprobs
-from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
+from openr1_mega.train.step import (
+    cosine_lr,
+    forward_only,
+    scaled_loss,
+    sequence_multiple,
+    train_step,
+)
 from openr1_mega.utils.logging import MetricsLogger
 
 
@@ -56,7 +66,7 @@ class GrpoRecipe:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run GRPO from a recipe; returns the final metrics (rank 0)."""
+    """Run GRPO from a recipe; returns the final metrics (every rank holds the same)."""
     args = _parse_args(argv)
     recipe = load_config(args.recipe, args.overrides, GrpoRecipe)
     g, r = recipe.grpo, recipe.rollout
@@ -72,12 +82,13 @@ def main(argv: list[str] | None = None) -> dict:
     last: dict = {}
     if start == 0 and rows.eval:  # the starting policy's held-out accuracy, as step 0
         logger.log(0, accuracy_on(ctx, engine, rows.eval, r, recipe))
+    # Collectives: every rank reaches each line of this loop body (no rank-dependent skips).
     for step in tqdm(range(start, g.steps), desc="grpo", disable=not ctx.is_rank0,
                      initial=start, total=g.steps):
         timer = {"start": time.perf_counter()}
         prompts = policy_lib.items_for_step(rows.train, step, g.prompts_per_step,
                                               recipe.run.seed)
-        completions, totals, reward_metrics = policy_lib.rollout_and_score(
+        completions, totals, reward_metrics = policy_lib.rollout_and_score(  # collective
             ctx, engine, rewards, prompts, r, step, recipe.run.seed)
         timer["rollout"] = time.perf_counter()
 
@@ -85,95 +96,122 @@ def main(argv: list[str] | None = None) -> dict:
                                          scale=g.advantage_scale)
         batches = micro_batches(completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id,
                                 g.mask_truncated_completions, ps.get_data_parallel_rank(),
-                                ps.get_data_parallel_world_size())
-        denominator = _global_denominator(g, completions, batches, r.max_tokens)
-        old = _forward_logprobs(ctx, ctx.model, batches, r.temperature) \
-            if g.num_iterations > 1 else None
-        ref = _forward_logprobs(ctx, ref_model, batches, r.temperature) if ref_model else None
+                                ps.get_data_parallel_world_size(),
+                                width_multiple=sequence_multiple(ctx.model), device=ctx.device)
+        loss = GrpoLoss.for_step(g, r, ctx.vocab_size, len(completions), batches)  # collective
+        old = loss.logprobs(ctx.ddp, batches) if g.num_iterations > 1 else None  # collective
+        ref = loss.logprobs(ref_model, batches) if ref_model else None  # collective
         timer["logprobs"] = time.perf_counter()
 
         lr = cosine_lr(step, g.steps, recipe.optim)
+        items = list(zip(batches, old or [None] * len(batches), ref or [None] * len(batches)))
         for _ in range(g.num_iterations):
-            step_metrics = train_step(
-                ctx.ddp, ctx.optimizer, list(zip(batches, old or [None] * len(batches),
-                                                 ref or [None] * len(batches))),
-                _grpo_forward(ctx, g, r, denominator, batches),
-                seq_length=max(b.input_ids.shape[1] for b in batches), lr=lr)
+            step_metrics = train_step(ctx.ddp, ctx.optimizer, items, loss.forward_step,  # coll.
+                                      lr=lr, metric_names=loss.metric_names)
         timer["train"] = time.perf_counter()
 
-        sync = policy_lib.sync_engine(ctx, engine)
+        sync = policy_lib.sync_engine(ctx, engine)  # collective
         timer["sync"] = time.perf_counter()
-        last = _step_metrics(step_metrics, reward_metrics, stats, completions, timer, sync, r)
+        last = _log_row(step_metrics, reward_metrics, stats, completions, timer, sync, r)
         if g.eval_every and (step + 1) % g.eval_every == 0 or step + 1 == g.steps:
-            last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))
+            last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))  # collective
         if ctx.is_rank0 and step % recipe.run.log_every == 0 or step + 1 == g.steps:
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
-            policy_lib.save(ctx, recipe.run, step + 1)
+            policy_lib.save(ctx, recipe.run, step + 1)  # collective
     policy_lib.finish(ctx, recipe.run, g.steps, logger)
     return last
 
 
-def _grpo_forward(ctx, g: GrpoConfig, r: RolloutConfig, denominator: float, batches: list):
-    """Megatron forward-step function: policy forward, then the GRPO loss on the last stage."""
-    num_mb = len(batches)
-    local_tokens = max(sum(float(b.mask.sum()) for b in batches), 1.0)
+@dataclass
+class GrpoLoss:
+    """The GRPO loss of one step, as Megatron forward-step functions.
 
-    def forward_step(item, model):
+    Holds the step's global counts, so every micro-batch on every data-parallel rank
+    divides by the same denominator (rl/losses.py) and weighs its metrics by its share of
+    the step's completion tokens: summed over micro-batches and ranks (train/step.py) they
+    give the full batch's loss, gradient and token-mean metrics.
+    """
+
+    grpo: GrpoConfig
+    temperature: float
+    max_tokens: int
+    vocab_size: int
+    denominator: float
+    """The loss divisor over the whole step, per loss_type (module docstring of rl/losses)."""
+    tokens: float
+    """Completion tokens that get loss in the whole step (all data-parallel ranks)."""
+    num_microbatches: int
+
+    @classmethod
+    def for_step(cls, g: GrpoConfig, r: RolloutConfig, vocab_size: int, num_completions: int,
+                 batches: list) -> GrpoLoss:
+        """The loss of a step whose batch has `num_completions` completions (all ranks) and
+        this rank's `batches`. Collective: all-reduces the token count over DP ranks."""
+        tokens = _global_tokens(batches)
+        denominator = {"grpo": float(num_completions),
+                       "dr_grpo": float(num_completions * r.max_tokens)}.get(g.loss_type, tokens)
+        return cls(g, r.temperature, r.max_tokens, vocab_size, denominator, tokens, len(batches))
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics `forward_step` reports, each a share of the step's global value."""
+        names = ("loss", "clip/low", "clip/high", "clip/region", "ratio/mean", "neg_logprob",
+                 "sampler/abs_logprob_diff")
+        return names + (("kl",) if self.grpo.beta > 0 else ())
+
+    def forward_step(self, item: tuple, model) -> tuple:
+        """Policy forward of (batch, old, ref); the loss runs on the last pipeline stage."""
         batch, old, ref = item
-        output = model(batch.input_ids, batch.position_ids, None)
+        return model(batch.input_ids, batch.position_ids, None), \
+            functools.partial(self._loss, batch, old, ref)
 
-        def loss_func(logits):
-            logp = logits_to_logprobs(logits[:, :-1], batch.targets, ctx.vocab_size,
-                                      r.temperature)
-            loss, metrics = policy_loss(
-                logp, logp.detach() if old is None else old, batch.advantages, batch.mask,
-                loss_type=g.loss_type, eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta,
-                ref_logprobs=ref, max_completion_length=r.max_tokens,
-                sampler_logprobs=batch.sampler_logprobs if g.tis_cap else None,
-                tis_cap=g.tis_cap, denominator=denominator)
-            share = batch.mask.sum() / local_tokens  # metrics as token means
-            reduced = {"loss": loss.detach()}
-            reduced.update({k: v * share for k, v in metrics.items()
-                            if not k.startswith("ratio/m")})
-            reduced["neg_logprob"] = -(logp.detach() * batch.mask).sum() / local_tokens
-            # trainer vs sampler log-prob gap: ~1e-6 in fp32 when weight sync is exact
-            reduced["sampler/abs_logprob_diff"] = (
-                (logp.detach() - batch.sampler_logprobs).abs() * batch.mask).sum() / local_tokens
-            return scaled_loss(loss, num_mb), reduced
+    def logprobs(self, model, batches: list) -> list:
+        """Token log-probs [B, S-1] of each micro-batch under `model`, without gradients
+        (old / reference policy); None entries on stages other than the last."""
+        def step(batch, chunk):
+            return chunk(batch.input_ids, batch.position_ids, None), \
+                lambda output: (output.new_zeros(()),
+                                {"logp": self._token_logprobs(output, batch)})
 
-        return output, loss_func
+        out = forward_only(model, batches, step)
+        return [m["logp"] for m in out] if out else [None] * len(batches)
 
-    return forward_step
+    def _loss(self, batch, old, ref, output: torch.Tensor) -> tuple:
+        g = self.grpo
+        logp = self._token_logprobs(output, batch)
+        loss, metrics = policy_loss(
+            logp, logp.detach() if old is None else old, batch.advantages, batch.mask,
+            loss_type=g.loss_type, eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta,
+            ref_logprobs=ref, max_completion_length=self.max_tokens,
+            sampler_logprobs=batch.sampler_logprobs if g.tis_cap else None,
+            tis_cap=g.tis_cap, denominator=self.denominator)
+        share = batch.mask.sum() / self.tokens  # token means of the whole step
+        reduced = {k: v * share for k, v in metrics.items()
+                   if k not in ("ratio/min", "ratio/max")}  # extremes do not sum
+        reduced["loss"] = loss.detach()
+        reduced["neg_logprob"] = -(logp.detach() * batch.mask).sum() / self.tokens
+        # trainer vs sampler log-prob gap: ~1e-6 in fp32 when weight sync is exact
+        reduced["sampler/abs_logprob_diff"] = (
+            (logp.detach() - batch.sampler_logprobs).abs() * batch.mask).sum() / self.tokens
+        return scaled_loss(loss, self.num_microbatches), reduced
+
+    def _token_logprobs(self, output: torch.Tensor, batch) -> torch.Tensor:
+        return logits_to_logprobs(output[:, :-1], batch.targets, self.vocab_size,
+                                  self.temperature)
 
 
-def _forward_logprobs(ctx, model, batches, temperature) -> list[torch.Tensor]:
-    """Log-probs [B, S-1] of each micro-batch without gradients (old / reference policy)."""
-    out = []
-    with torch.no_grad():
-        for b in batches:
-            logits = model(b.input_ids, b.position_ids, None)
-            out.append(logits_to_logprobs(logits[:, :-1], b.targets, ctx.vocab_size,
-                                          temperature))
-    return out
-
-
-def _global_denominator(g: GrpoConfig, completions, batches, max_tokens: int) -> float:
-    """The loss divisor over the whole step (all DP ranks), per loss_type (rl/losses.py)."""
-    if g.loss_type == "grpo":
-        return float(len(completions))
-    if g.loss_type == "dr_grpo":
-        return float(len(completions) * max_tokens)
-    local = sum(float(b.mask.sum()) for b in batches)
-    if g.loss_type == "bnpo":
-        return max(local, 1.0)
-    total = torch.tensor(local, dtype=torch.float64)
+def _global_tokens(batches: list) -> float:
+    """Completion tokens with loss in this step, summed over data-parallel ranks."""
+    local = torch.zeros((), dtype=torch.float64, device=batches[0].mask.device)
+    for b in batches:
+        local += b.mask.sum()
     if dist.is_initialized():
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return max(float(total), 1.0)
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+    return max(float(local), 1.0)
 
 
-def _step_metrics(step_metrics, reward_metrics, stats, completions, timer, sync, r) -> dict:
+def _log_row(step_metrics, reward_metrics, stats, completions, timer, sync, r) -> dict:
     lengths = torch.tensor([len(c.completion_ids) for c in completions], dtype=torch.float32)
     seconds = timer["sync"] - timer["start"]
     tokens = sum(len(c.prompt_ids) + len(c.completion_ids) for c in completions)

@@ -21,7 +21,7 @@ from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
 from openr1_mega.parallel.init import initialize
 from openr1_mega.rl.rollout import Completion, EngineConfig, RolloutEngine, SamplingConfig
-from openr1_mega.train.step import build_optimizer, wrap_ddp
+from openr1_mega.train.step import build_optimizer, default_device, wrap_ddp
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Context:
     pad_id: int
     is_rank0: bool
     model_dir: Path
+    device: torch.device
+    """Where the model lives: every tensor handed to it, the loss or a collective goes here."""
 
 
 @dataclass
@@ -56,7 +58,7 @@ def setup(recipe) -> Context:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Context(model=model, ddp=ddp, optimizer=build_optimizer(ddp, recipe.optim),
                    tokenizer=tokenizer, vocab_size=_hf_vocab_size(model_dir), pad_id=pad,
-                   is_rank0=dist.get_rank() == 0, model_dir=model_dir)
+                   is_rank0=dist.get_rank() == 0, model_dir=model_dir, device=default_device())
 
 
 def reference_model(recipe) -> torch.nn.Module:

@@ -5,10 +5,12 @@
     2. packing: conversations fill rows of `seq_length` tokens, attention kept inside each
        conversation (PackedSeqParams, thd: block-diagonal causal), positions restarting
        per conversation; or, with pack=False, one padded conversation per row;
-    3. each step: `rows_per_step` rows as micro-batches; loss = token-mean NLL over the
-       assistant tokens of the whole step (the same on every split of the step);
-       warmup + cosine LR, grad clipping (train/step.py);
-    4. eval loss every `eval_every` steps; checkpoints; HF export at the end.
+       rows are as wide as sequence/context parallelism needs (padding gets no loss);
+    3. each step: `rows_per_step` rows as micro-batches, moved to the model's device; loss =
+       token-mean NLL over the assistant tokens of the whole step (the same on every split
+       of the step, logged as the step's global value); warmup + cosine LR, grad clipping
+       (train/step.py; Megatron's pipeline schedule, so PP > 1 works);
+    4. eval loss every `eval_every` steps (forward-only schedule); checkpoints; HF export.
 
     python -m openr1_mega.train.sft --recipe examples/recipes/tiny/sft.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m openr1_mega.train.sft --recipe R.yaml parallel.tp=2
@@ -22,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 from tqdm import tqdm
@@ -34,7 +37,13 @@ from openr1_mega.data.packing import Packed, pack_examples, pad_examples
 from openr1_mega.data.prompts import load_rows
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train.logprobs import logits_to_logprobs
-from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
+from openr1_mega.train.step import (
+    cosine_lr,
+    forward_only,
+    scaled_loss,
+    sequence_multiple,
+    train_step,
+)
 from openr1_mega.utils.logging import MetricsLogger
 
 
@@ -60,24 +69,25 @@ def main(argv: list[str] | None = None) -> dict:
     if s.rows_per_step % dp:
         raise ValueError(f"sft.rows_per_step={s.rows_per_step} must be a multiple of the "
                          f"data-parallel size {dp} (every rank runs the same micro-batches)")
-    train_rows, eval_rows = sft_rows(recipe, ctx.tokenizer)
+    train_rows, eval_rows = sft_rows(recipe, ctx.tokenizer, sequence_multiple(ctx.model))
     steps = math.ceil(s.epochs * len(train_rows) / s.rows_per_step)
     start = policy_lib.resume(ctx, recipe.run) if args.resume else 0
     logger = MetricsLogger(recipe.run.output_dir, enabled=ctx.is_rank0)
     if ctx.is_rank0:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
+    # Collectives: every rank reaches each line of this loop body.
     for step in tqdm(range(start, steps), desc="sft", disable=not ctx.is_rank0, initial=start,
                      total=steps):
         rows = policy_lib.items_for_step(train_rows, step, s.rows_per_step, recipe.run.seed)
         mine = [rows[i] for i in policy_lib.data_parallel_share(len(rows))]
         denominator = _global_tokens(rows)
-        last = train_step(ctx.ddp, ctx.optimizer, mine, sft_forward(ctx, denominator, len(mine)),
-                          seq_length=max(r.input_ids.shape[-1] for r in mine),
-                          lr=cosine_lr(step, steps, recipe.optim))
+        last = train_step(ctx.ddp, ctx.optimizer, mine,  # collective
+                          sft_forward(ctx, denominator, len(mine)),
+                          lr=cosine_lr(step, steps, recipe.optim), metric_names=("loss",))
         last["tokens"] = denominator
         if eval_rows and (s.eval_every and (step + 1) % s.eval_every == 0 or step + 1 == steps):
-            last["eval/loss"] = eval_loss(ctx, eval_rows)
+            last["eval/loss"] = eval_loss(ctx, eval_rows)  # collective
         if ctx.is_rank0 and (step % recipe.run.log_every == 0 or step + 1 == steps):
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
@@ -86,15 +96,17 @@ def main(argv: list[str] | None = None) -> dict:
     return last
 
 
-def sft_rows(recipe, tokenizer) -> tuple[list[Packed], list[Packed]]:
-    """Tokenise, split off the held-out share, and pack (or pad) both parts."""
+def sft_rows(recipe, tokenizer, width_multiple: int = 1) -> tuple[list[Packed], list[Packed]]:
+    """Tokenise, split off the held-out share, and pack (or pad) both parts into rows whose
+    width is a multiple of `width_multiple`."""
     s, seed = recipe.sft, recipe.run.seed
     examples = [encode_conversation(tokenizer, m, max_length=s.seq_length)
                 for m in conversations(s, seed)]
     random.Random(seed).shuffle(examples)
     n_eval = int(len(examples) * s.eval_fraction)
     pad = tokenizer.pad_token_id or 0
-    return (_rows(examples[n_eval:], s, pad), _rows(examples[:n_eval], s, pad))
+    return (_rows(examples[n_eval:], s, pad, width_multiple),
+            _rows(examples[:n_eval], s, pad, width_multiple))
 
 
 def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
@@ -107,18 +119,20 @@ def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
     return [list(r[s.messages_field]) for r in rows]
 
 
-def _rows(examples, s: SftConfig, pad_id: int) -> list[Packed]:
+def _rows(examples, s: SftConfig, pad_id: int, width_multiple: int = 1) -> list[Packed]:
     if not examples:
         return []
     if s.pack:
-        return pack_examples(examples, s.seq_length, pad_id)
-    return [pad_examples([ex], pad_id) for ex in examples]
+        return pack_examples(examples, -(-s.seq_length // width_multiple) * width_multiple,
+                             pad_id)
+    return [pad_examples([ex], pad_id, width_multiple) for ex in examples]
 
 
 def sft_forward(ctx, denominator: float, num_microbatches: int):
     """Megatron forward-step function: one packed (or padded) row, NLL over its tokens."""
 
     def forward_step(row: Packed, model):
+        row = _to_device(row, ctx.device)
         output = model(**_model_inputs(row))
 
         def loss_func(logits):
@@ -132,16 +146,27 @@ def sft_forward(ctx, denominator: float, num_microbatches: int):
 
 
 def eval_loss(ctx, rows: list[Packed]) -> float:
-    """Token-mean NLL over held-out rows (forward only; PP = 1)."""
-    total, tokens = torch.zeros((), dtype=torch.float64), 0
+    """Token-mean NLL over held-out rows (forward-only pipeline schedule; every rank holds
+    the same rows, so the last stage's sum is the answer: reduced over the pipeline group).
+    """
+    def step(row: Packed, model):
+        row = _to_device(row, ctx.device)
+        return model(**_model_inputs(row)), lambda logits: (logits.new_zeros(()), {
+            "nll": -(_row_logprobs(ctx, logits, row) * row.loss_mask.view(1, -1)).sum()})
+
     ctx.model.eval()
-    with torch.no_grad():
-        for row in rows:
-            logp = _row_logprobs(ctx, ctx.model(**_model_inputs(row)), row)
-            total -= (logp * row.loss_mask.view(1, -1)).sum().double()
-            tokens += row.num_tokens
+    out = forward_only(ctx.ddp, rows, step)
     ctx.model.train()
-    return float(total) / max(tokens, 1)
+    total = torch.stack([m["nll"].double() for m in out]).sum() if out else \
+        torch.zeros((), dtype=torch.float64, device=ctx.device)
+    if dist.is_initialized():
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return float(total) / max(sum(r.num_tokens for r in rows), 1)
+
+
+def _to_device(row: Packed, device: torch.device) -> Packed:
+    return Packed(*(getattr(row, f).to(device) for f in
+                    ("input_ids", "labels", "loss_mask", "position_ids", "cu_seqlens")))
 
 
 def _model_inputs(row: Packed) -> dict:

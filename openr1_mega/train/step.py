@@ -10,6 +10,13 @@ divides each micro-batch loss by the number of micro-batches and DDP averages gr
 over data-parallel ranks, so `scaled_loss` multiplies both back: the summed gradient is
 then exactly the full-batch gradient, whatever the micro-batch split or DP size.
 
+Pipeline parallelism: the schedule runs with `variable_seq_lengths` (to_megatron.py), so
+micro-batches of different widths pass between stages; forward-only passes (old/reference
+log-probs, eval loss) go through the same schedule (`forward_only`). Loss metrics exist on
+the last stage only: `train_step` sums them over micro-batches, then over the pipeline group
+(to reach rank 0) and the data-parallel group (each rank's share was already divided by the
+step's global count), so every rank logs the step's global values.
+
 Megatron's schedules name the "cuda" device for bookkeeping tensors; on CPU they run
 inside `parallel.cpu_device.cuda_as_cpu()`. Optimizer: on GPU, Megatron's distributed
 optimizer (sharded Adam states). On CPU, Megatron's optimizers insist on CUDA tensor types
@@ -161,24 +168,68 @@ def scaled_loss(loss: torch.Tensor, num_microbatches: int) -> torch.Tensor:
 
 
 def train_step(model: DistributedDataParallel, optimizer, micro_batches: list,
-               forward_step: Callable, seq_length: int, lr: float) -> dict[str, float]:
+               forward_step: Callable, lr: float, metric_names: tuple[str, ...]
+               ) -> dict[str, float]:
     """Run forward/backward over `micro_batches`, clip, and step. Returns step metrics.
 
     `forward_step(batch, model) -> (output, loss_func)` is Megatron's forward-step
-    contract; its loss_func returns (scaled_loss(...), metrics dict of 0-d tensors).
+    contract; its loss_func returns (scaled_loss(...), metrics dict of 0-d tensors) whose
+    keys include `metric_names`, each already a share of the step's global value.
+    Collective: every rank of the world calls it.
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
     for group in optimizer.param_groups:
         group["lr"] = lr
+    reduced = _run_schedule(model, micro_batches, forward_step, forward_only=False)
+    _, grad_norm, _ = optimizer.step()
+    return {"grad_norm": float(grad_norm), "lr": lr, **step_metrics(reduced, metric_names)}
+
+
+def forward_only(model: torch.nn.Module, micro_batches: list, forward_step: Callable) -> list:
+    """Forward passes through the pipeline schedule without gradients; returns the
+    loss_func metrics dict of each micro-batch on the last stage, [] on other stages."""
+    with torch.no_grad():
+        return _run_schedule(model, micro_batches, forward_step, forward_only=True)
+
+
+def _run_schedule(model, micro_batches: list, forward_step: Callable, forward_only: bool
+                  ) -> list:
+    """Megatron's forward(/backward) schedule; shapes are exchanged between pipeline
+    stages (variable_seq_lengths), so seq_length/micro_batch_size are only nominal."""
     with cuda_as_cpu():
-        reduced = get_forward_backward_func()(
+        return get_forward_backward_func()(
             forward_step_func=lambda it, m: forward_step(next(it), m),
             data_iterator=iter(micro_batches), model=[model],
-            num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=1,
-            forward_only=False)
-    _, grad_norm, _ = optimizer.step()
-    metrics = {"grad_norm": float(grad_norm), "lr": lr}
-    for key in (reduced[0] if reduced else {}):
-        metrics[key] = float(sum(r[key] for r in reduced))
-    return metrics
+            num_microbatches=len(micro_batches), seq_length=1, micro_batch_size=1,
+            forward_only=forward_only)
+
+
+def step_metrics(reduced: list[dict], names: tuple[str, ...]) -> dict[str, float]:
+    """Sum each named metric over micro-batches (last stage), then over the pipeline and
+    data-parallel groups: the step's global value on every rank. One host sync."""
+    device = next(iter(reduced[0].values())).device if reduced else default_device()
+    total = torch.zeros(len(names), dtype=torch.float64, device=device)
+    for metrics in reduced:
+        total += torch.stack([metrics[k].detach().double() for k in names])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    return dict(zip(names, total.tolist()))
+
+
+def default_device() -> torch.device:
+    """The device models live on here: the current GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def sequence_multiple(model: torch.nn.Module) -> int:
+    """Micro-batch widths must be multiples of this: TP under sequence parallelism (the
+    sequence is split across TP ranks) times 2 x CP under context parallelism (load-balanced
+    chunks)."""
+    config = model.config
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if config.context_parallel_size > 1:
+        multiple *= 2 * config.context_parallel_size
+    return multiple
