@@ -50,7 +50,8 @@ def _one_grpo_step(rank, world, hf_dir, tp, ep):
     loss = GrpoLoss.for_step(GrpoConfig(loss_type="grpo", beta=0.0), RolloutConfig(max_tokens=16),
                              vocab, len(completions), batches)
     metrics = train_step(ddp, optimizer, [(b, None, None) for b in batches], loss.forward_step,
-                         lr=1e-3, metric_names=loss.metric_names)
+                         lr=1e-3, metric_names=loss.metric_names,
+                         shape=tuple(batches[0].input_ids.shape))
     return {k: metrics[k] for k in ("loss", "grad_norm")} | {"micro_batches": len(batches)}
 
 

@@ -103,7 +103,7 @@ def _one_step(ddp, optimizer, sequences, vocab) -> None:
         return output, loss_func
 
     train_step(ddp, optimizer, batches, forward_step, lr=optimizer.param_groups[0]["lr"],
-               metric_names=("loss",))
+               metric_names=("loss",), shape=(1, max(map(len, sequences))))
 
 
 def _trainer_logprobs(model, sequences, vocab) -> list[torch.Tensor]:

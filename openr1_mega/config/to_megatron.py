@@ -93,8 +93,6 @@ def _layout(parallel: ParallelConfig) -> dict:
         expert_tensor_parallel_size=parallel.expert_tp,
         context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel,
-        # micro-batches of one step differ in width: stages exchange shapes before tensors
-        variable_seq_lengths=parallel.pp > 1,
     )
 
 

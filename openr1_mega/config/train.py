@@ -179,9 +179,13 @@ class SftConfig:
     """Passes over the training rows (steps = ceil(epochs * rows / rows_per_step))."""
     eval_every: int = 0
     """Eval loss every N steps; 0: only at the end."""
+    max_steps: int | None = None
+    """Stop after this many steps even if the epochs are not done (smoke runs, rehearsals)."""
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"sft.max_steps={self.max_steps}: must be >= 1 (or null)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"sft.eval_fraction={self.eval_fraction}: must be in [0, 1)")
         if self.seq_length < 2 or self.rows_per_step < 1 or self.epochs <= 0:

@@ -95,10 +95,13 @@ def document_causal_mask(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor
     return ~allowed
 
 
-def pad_examples(examples: list[Example], pad_id: int = 0, width_multiple: int = 1) -> Packed:
-    """Examples as a right-padded [B, S] batch (no packing): the unpacked baseline. S is the
-    longest example rounded up to `width_multiple` (sequence parallelism splits S)."""
-    width = -(-max(len(ex.input_ids) for ex in examples) // width_multiple) * width_multiple
+def pad_examples(examples: list[Example], pad_id: int = 0, width_multiple: int = 1,
+                 width: int | None = None) -> Packed:
+    """Examples as a right-padded [B, S] batch (no packing): the unpacked baseline. S is
+    `width` (default: the longest example) rounded up to `width_multiple` (sequence
+    parallelism splits S)."""
+    width = width or max(len(ex.input_ids) for ex in examples)
+    width = -(-width // width_multiple) * width_multiple
     rows = [_pack_row([ex], width, pad_id) for ex in examples]
     return Packed(*(torch.stack([getattr(r, f) for r in rows])
                     for f in ("input_ids", "labels", "loss_mask", "position_ids")),

@@ -38,15 +38,17 @@ class MicroBatch:
 
 def micro_batches(completions: list[Completion], advantages: torch.Tensor, token_budget: int,
                   pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1,
-                  *, width_multiple: int = 1, device: torch.device | str = "cpu"
-                  ) -> list[MicroBatch]:
+                  *, width_multiple: int = 1, uniform: bool = False,
+                  device: torch.device | str = "cpu") -> list[MicroBatch]:
     """This data-parallel rank's micro-batches of at most `token_budget` padded tokens.
 
     The plan is made over the whole batch, identically on every rank: completions sorted
     by length are grouped so that each group, split round-robin over the `world` ranks,
     fits the budget per rank. Every rank then runs the same number of micro-batches with
     the same shapes (short slices get empty rows, mask 0), which MoE expert parallelism
-    needs: its token dispatch is a collective inside every forward.
+    needs: its token dispatch is a collective inside every forward. With `uniform` (pipeline
+    parallelism: stages exchange one fixed activation shape) every micro-batch has the
+    same [rows, width]: the step's longest width and as many rows as fit the budget.
     Raises ValueError when a single completion is longer than the budget.
     """
     lengths = [_padded(len(c.prompt_ids) + len(c.completion_ids), width_multiple)
@@ -57,6 +59,27 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
                          f"to a multiple of {width_multiple}) > "
                          f"grpo.micro_batch_tokens={token_budget}")
     order = sorted(range(len(completions)), key=lambda i: lengths[i])
+    if uniform:
+        width = max(lengths)
+        per_rank = token_budget // width
+        groups = [order[k:k + per_rank * world] for k in range(0, len(order), per_rank * world)]
+        shapes = [(per_rank, width)] * len(groups)
+    else:
+        groups = _budget_groups(order, lengths, token_budget, world)
+        shapes = [(-(-len(g) // world), max(lengths[j] for j in g)) for g in groups]
+    advantages = advantages.to(device=device, dtype=torch.float32)
+    batches = []
+    for group, (rows, width) in zip(groups, shapes):
+        mine = group[rank::world]
+        batches.append(_collate([completions[i] for i in mine], advantages[mine],
+                                torch.tensor(mine, dtype=torch.long, device=device), pad_id,
+                                mask_truncated, num_rows=rows, width=width, device=device))
+    return batches
+
+
+def _budget_groups(order: list[int], lengths: list[int], token_budget: int, world: int
+                   ) -> list[list[int]]:
+    """Consecutive runs of `order` whose longest member x rows per rank fits the budget."""
     groups, current = [], []
     for i in order:
         rows_per_rank = -(-(len(current) + 1) // world)
@@ -66,15 +89,7 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
         current.append(i)
     if current:
         groups.append(current)
-    advantages = advantages.to(device=device, dtype=torch.float32)
-    batches = []
-    for group in groups:
-        mine = group[rank::world]
-        batches.append(_collate([completions[i] for i in mine], advantages[mine],
-                                torch.tensor(mine, dtype=torch.long, device=device), pad_id,
-                                mask_truncated, num_rows=-(-len(group) // world),
-                                width=max(lengths[j] for j in group), device=device))
-    return batches
+    return groups
 
 
 def _padded(length: int, multiple: int) -> int:

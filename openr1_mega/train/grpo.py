@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
         batches = micro_batches(completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id,
                                 g.mask_truncated_completions, ps.get_data_parallel_rank(),
                                 ps.get_data_parallel_world_size(),
-                                width_multiple=sequence_multiple(ctx.model), device=ctx.device)
+                                width_multiple=sequence_multiple(ctx.model),
+                                uniform=ps.get_pipeline_model_parallel_world_size() > 1,
+                                device=ctx.device)
         loss = GrpoLoss.for_step(g, r, ctx.vocab_size, len(completions), batches)  # collective
         old = loss.logprobs(ctx.ddp, batches) if g.num_iterations > 1 else None  # collective
         ref = loss.logprobs(ref_model, batches) if ref_model else None  # collective
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         items = list(zip(batches, old or [None] * len(batches), ref or [None] * len(batches)))
         for _ in range(g.num_iterations):
             step_metrics = train_step(ctx.ddp, ctx.optimizer, items, loss.forward_step,  # coll.
-                                      lr=lr, metric_names=loss.metric_names)
+                                      lr=lr, metric_names=loss.metric_names,
+                                      shape=_plan_shape(batches))
         timer["train"] = time.perf_counter()
 
         sync = policy_lib.sync_engine(ctx, engine)  # collective
@@ -174,14 +177,15 @@ class GrpoLoss:
                 lambda output: (output.new_zeros(()),
                                 {"logp": self._token_logprobs(output, batch)})
 
-        out = forward_only(model, batches, step)
+        out = forward_only(model, batches, step, _plan_shape(batches))
         return [m["logp"] for m in out] if out else [None] * len(batches)
 
     def _loss(self, batch, old, ref, output: torch.Tensor) -> tuple:
         g = self.grpo
         logp = self._token_logprobs(output, batch)
+        old = logp.detach() if old is None else old  # the policy that sampled the batch
         loss, metrics = policy_loss(
-            logp, logp.detach() if old is None else old, batch.advantages, batch.mask,
+            logp, old, batch.advantages, batch.mask,
             loss_type=g.loss_type, eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta,
             ref_logprobs=ref, max_completion_length=self.max_tokens,
             sampler_logprobs=batch.sampler_logprobs if g.tis_cap else None,
@@ -191,14 +195,21 @@ class GrpoLoss:
                    if k not in ("ratio/min", "ratio/max")}  # extremes do not sum
         reduced["loss"] = loss.detach()
         reduced["neg_logprob"] = -(logp.detach() * batch.mask).sum() / self.tokens
-        # trainer vs sampler log-prob gap: ~1e-6 in fp32 when weight sync is exact
+        # trainer vs sampler log-prob gap of the sampling policy (before this batch's
+        # updates): ~1e-6 in fp32 when weight sync is exact
         reduced["sampler/abs_logprob_diff"] = (
-            (logp.detach() - batch.sampler_logprobs).abs() * batch.mask).sum() / self.tokens
+            (old - batch.sampler_logprobs).abs() * batch.mask).sum() / self.tokens
         return scaled_loss(loss, self.num_microbatches), reduced
 
     def _token_logprobs(self, output: torch.Tensor, batch) -> torch.Tensor:
         return logits_to_logprobs(output[:, :-1], batch.targets, self.vocab_size,
                                   self.temperature)
+
+
+def _plan_shape(batches: list) -> tuple[int, int]:
+    """(rows, width) the pipeline schedule is told: the widest micro-batch's (under PP all
+    micro-batches share it, see rl/experience.py `uniform`)."""
+    return max((tuple(b.input_ids.shape) for b in batches), key=lambda s: s[0] * s[1])
 
 
 def _global_tokens(batches: list) -> float:

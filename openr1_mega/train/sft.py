@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     if s.rows_per_step % dp:
         raise ValueError(f"sft.rows_per_step={s.rows_per_step} must be a multiple of the "
                          f"data-parallel size {dp} (every rank runs the same micro-batches)")
-    train_rows, eval_rows = sft_rows(recipe, ctx.tokenizer, sequence_multiple(ctx.model))
+    train_rows, eval_rows = sft_rows(recipe, ctx.tokenizer, sequence_multiple(ctx.model),
+                                     uniform=ps.get_pipeline_model_parallel_world_size() > 1)
     steps = math.ceil(s.epochs * len(train_rows) / s.rows_per_step)
+    steps = min(steps, s.max_steps or steps)
     start = policy_lib.resume(ctx, recipe.run) if args.resume else 0
     logger = MetricsLogger(recipe.run.output_dir, enabled=ctx.is_rank0)
     if ctx.is_rank0:
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         denominator = _global_tokens(rows)
         last = train_step(ctx.ddp, ctx.optimizer, mine,  # collective
                           sft_forward(ctx, denominator, len(mine)),
-                          lr=cosine_lr(step, steps, recipe.optim), metric_names=("loss",))
+                          lr=cosine_lr(step, steps, recipe.optim), metric_names=("loss",),
+                          shape=_row_shape(mine))
         last["tokens"] = denominator
         if eval_rows and (s.eval_every and (step + 1) % s.eval_every == 0 or step + 1 == steps):
             last["eval/loss"] = eval_loss(ctx, eval_rows)  # collective
@@ -96,17 +99,20 @@ def main(argv: list[str] | None = None) -> dict:
     return last
 
 
-def sft_rows(recipe, tokenizer, width_multiple: int = 1) -> tuple[list[Packed], list[Packed]]:
+def sft_rows(recipe, tokenizer, width_multiple: int = 1, uniform: bool = False
+             ) -> tuple[list[Packed], list[Packed]]:
     """Tokenise, split off the held-out share, and pack (or pad) both parts into rows whose
-    width is a multiple of `width_multiple`."""
+    width is a multiple of `width_multiple`; with `uniform` (pipeline parallelism) unpacked
+    rows are all padded to the longest conversation's width."""
     s, seed = recipe.sft, recipe.run.seed
     examples = [encode_conversation(tokenizer, m, max_length=s.seq_length)
                 for m in conversations(s, seed)]
     random.Random(seed).shuffle(examples)
     n_eval = int(len(examples) * s.eval_fraction)
     pad = tokenizer.pad_token_id or 0
-    return (_rows(examples[n_eval:], s, pad, width_multiple),
-            _rows(examples[:n_eval], s, pad, width_multiple))
+    width = max(len(ex.input_ids) for ex in examples) if uniform and examples else None
+    return (_rows(examples[n_eval:], s, pad, width_multiple, width),
+            _rows(examples[:n_eval], s, pad, width_multiple, width))
 
 
 def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
@@ -119,13 +125,20 @@ def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
     return [list(r[s.messages_field]) for r in rows]
 
 
-def _rows(examples, s: SftConfig, pad_id: int, width_multiple: int = 1) -> list[Packed]:
+def _rows(examples, s: SftConfig, pad_id: int, width_multiple: int = 1,
+          width: int | None = None) -> list[Packed]:
     if not examples:
         return []
     if s.pack:
         return pack_examples(examples, -(-s.seq_length // width_multiple) * width_multiple,
                              pad_id)
-    return [pad_examples([ex], pad_id, width_multiple) for ex in examples]
+    return [pad_examples([ex], pad_id, width_multiple, width) for ex in examples]
+
+
+def _row_shape(rows: list[Packed]) -> tuple[int, int]:
+    """(1, width) of the widest row: what the pipeline schedule is told (all rows share it
+    under PP)."""
+    return 1, max(r.input_ids.shape[-1] for r in rows)
 
 
 def sft_forward(ctx, denominator: float, num_microbatches: int):
@@ -155,7 +168,7 @@ def eval_loss(ctx, rows: list[Packed]) -> float:
             "nll": -(_row_logprobs(ctx, logits, row) * row.loss_mask.view(1, -1)).sum()})
 
     ctx.model.eval()
-    out = forward_only(ctx.ddp, rows, step)
+    out = forward_only(ctx.ddp, rows, step, _row_shape(rows))
     ctx.model.train()
     total = torch.stack([m["nll"].double() for m in out]).sum() if out else \
         torch.zeros((), dtype=torch.float64, device=ctx.device)

@@ -10,9 +10,12 @@ divides each micro-batch loss by the number of micro-batches and DDP averages gr
 over data-parallel ranks, so `scaled_loss` multiplies both back: the summed gradient is
 then exactly the full-batch gradient, whatever the micro-batch split or DP size.
 
-Pipeline parallelism: the schedule runs with `variable_seq_lengths` (to_megatron.py), so
-micro-batches of different widths pass between stages; forward-only passes (old/reference
-log-probs, eval loss) go through the same schedule (`forward_only`). Loss metrics exist on
+Pipeline parallelism: stages exchange activations of one fixed shape per schedule run, so
+under PP > 1 every micro-batch of a step has the same [rows, width] (the callers plan them
+so), given to the schedule as micro_batch_size x seq_length. (Megatron's
+`variable_seq_lengths` would allow varying widths, but 0.16.1 refuses it with the allgather
+MoE dispatcher, the one that runs on CPU.) Forward-only passes (old/reference log-probs,
+eval loss) go through the same schedule (`forward_only`). Loss metrics exist on
 the last stage only: `train_step` sums them over micro-batches, then over the pipeline group
 (to reach rank 0) and the data-parallel group (each rank's share was already divided by the
 step's global count), so every rank logs the step's global values.
@@ -168,40 +171,43 @@ def scaled_loss(loss: torch.Tensor, num_microbatches: int) -> torch.Tensor:
 
 
 def train_step(model: DistributedDataParallel, optimizer, micro_batches: list,
-               forward_step: Callable, lr: float, metric_names: tuple[str, ...]
-               ) -> dict[str, float]:
+               forward_step: Callable, lr: float, metric_names: tuple[str, ...],
+               shape: tuple[int, int]) -> dict[str, float]:
     """Run forward/backward over `micro_batches`, clip, and step. Returns step metrics.
 
     `forward_step(batch, model) -> (output, loss_func)` is Megatron's forward-step
     contract; its loss_func returns (scaled_loss(...), metrics dict of 0-d tensors) whose
     keys include `metric_names`, each already a share of the step's global value.
+    `shape` is the micro-batches' (rows, width), the same for all of them under PP > 1.
     Collective: every rank of the world calls it.
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    reduced = _run_schedule(model, micro_batches, forward_step, forward_only=False)
+    reduced = _run_schedule(model, micro_batches, forward_step, shape, forward_only=False)
     _, grad_norm, _ = optimizer.step()
     return {"grad_norm": float(grad_norm), "lr": lr, **step_metrics(reduced, metric_names)}
 
 
-def forward_only(model: torch.nn.Module, micro_batches: list, forward_step: Callable) -> list:
+def forward_only(model: torch.nn.Module, micro_batches: list, forward_step: Callable,
+                 shape: tuple[int, int]) -> list:
     """Forward passes through the pipeline schedule without gradients; returns the
     loss_func metrics dict of each micro-batch on the last stage, [] on other stages."""
     with torch.no_grad():
-        return _run_schedule(model, micro_batches, forward_step, forward_only=True)
+        return _run_schedule(model, micro_batches, forward_step, shape, forward_only=True)
 
 
-def _run_schedule(model, micro_batches: list, forward_step: Callable, forward_only: bool
-                  ) -> list:
-    """Megatron's forward(/backward) schedule; shapes are exchanged between pipeline
-    stages (variable_seq_lengths), so seq_length/micro_batch_size are only nominal."""
+def _run_schedule(model, micro_batches: list, forward_step: Callable, shape: tuple[int, int],
+                  forward_only: bool) -> list:
+    """Megatron's forward(/backward) schedule over the micro-batches; under PP the stages
+    exchange [width / (SP ? TP : 1), rows, hidden] activations."""
+    rows, width = shape
     with cuda_as_cpu():
         return get_forward_backward_func()(
             forward_step_func=lambda it, m: forward_step(next(it), m),
             data_iterator=iter(micro_batches), model=[model],
-            num_microbatches=len(micro_batches), seq_length=1, micro_batch_size=1,
+            num_microbatches=len(micro_batches), seq_length=width, micro_batch_size=rows,
             forward_only=forward_only)
 
 
