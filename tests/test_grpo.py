@@ -23,7 +23,9 @@ def _completions(vocab: int) -> list[Completion]:
     return out
 
 
-def _one_grpo_step(rank, world, hf_dir, tp, ep):
+def _one_grpo_step(rank, world, hf_dir, tp, ep, loss_types=("grpo",)):
+    """One optimizer step per loss type from the same weights; the first type's metrics at
+    the top level, every type's under `by_type`."""
     from megatron.core import parallel_state as ps
 
     from openr1_mega.checkpoint.hf import load_hf_weights
@@ -38,21 +40,24 @@ def _one_grpo_step(rank, world, hf_dir, tp, ep):
     initialize(parallel, seed=0)
     model = build_model(hf_dir, parallel, precision=PrecisionConfig(dtype="fp32"),
                         model=ModelConfig(attention_backend="sdpa"))
-    load_hf_weights(model, hf_dir)
     ddp = wrap_ddp(model)
-    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3))
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     completions = _completions(vocab)
     advantages = torch.tensor([1.0, -0.5, 0.3, 0.7, 0.2, -0.7])  # sum 1: loss -1/6
     batches = micro_batches(completions, advantages, token_budget=40, pad_id=0,
                             rank=ps.get_data_parallel_rank(),
                             world=ps.get_data_parallel_world_size())
-    loss = GrpoLoss.for_step(GrpoConfig(loss_type="grpo", beta=0.0), RolloutConfig(max_tokens=16),
-                             vocab, len(completions), batches)
-    metrics = train_step(ddp, optimizer, [(b, None, None) for b in batches], loss.forward_step,
-                         lr=1e-3, metric_names=loss.metric_names,
-                         shape=tuple(batches[0].input_ids.shape))
-    return {k: metrics[k] for k in ("loss", "grad_norm")} | {"micro_batches": len(batches)}
+    by_type = {}
+    for loss_type in loss_types:
+        load_hf_weights(model, hf_dir)
+        optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3))
+        loss = GrpoLoss.for_step(GrpoConfig(loss_type=loss_type, beta=0.0),
+                                 RolloutConfig(max_tokens=16), vocab, len(completions), batches)
+        metrics = train_step(ddp, optimizer, [(b, None, None) for b in batches],
+                             loss.forward_step, lr=1e-3, metric_names=loss.metric_names,
+                             shape=tuple(batches[0].input_ids.shape))
+        by_type[loss_type] = {k: metrics[k] for k in ("loss", "grad_norm", "neg_logprob")}
+    return {**by_type[loss_types[0]], "by_type": by_type, "micro_batches": len(batches)}
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +85,18 @@ def test_moe_ep2_step_runs_and_matches_ep1(tiny):
     for rank in ep2:
         assert rank["loss"] == pytest.approx(ep1["loss"], rel=1e-5)
         assert rank["grad_norm"] == pytest.approx(ep1["grad_norm"], rel=1e-4)
+
+
+def test_every_loss_type_dp2_equals_dp1(tiny):
+    """Each data-parallel rank holds half the completions; the step's loss, gradient norm
+    and token-mean metrics must be the full batch's (bnpo was N_dp times too large)."""
+    types = ("grpo", "bnpo", "dr_grpo", "dapo")
+    dp1 = run_world(_one_grpo_step, tiny["qwen2"], 1, 1, types, world_size=1)[0]["by_type"]
+    dp2 = run_world(_one_grpo_step, tiny["qwen2"], 1, 1, types, world_size=2)
+    for rank in dp2:
+        for loss_type in types:
+            for key, want in dp1[loss_type].items():
+                assert rank["by_type"][loss_type][key] == pytest.approx(want, rel=1e-5), \
+                    (loss_type, key)
+    # bnpo and dapo: one token mean over the whole step (all ranks): -sum(A_b n_b) / sum(n_b)
+    assert dp1["bnpo"]["loss"] == pytest.approx(dp1["dapo"]["loss"], rel=1e-6)

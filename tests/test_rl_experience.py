@@ -48,3 +48,42 @@ def test_truncated_completions_can_be_masked():
 def test_overlong_completion_is_an_error_naming_the_budget():
     with pytest.raises(ValueError, match="micro_batch_tokens=8"):
         micro_batches(_batch(2), torch.ones(2), 8, pad_id=0)
+
+
+def test_micro_batches_are_built_on_the_requested_device():
+    """Device discipline without a GPU: every tensor the loop hands to the model, the loss or a
+    collective is created for the model's device (meta here), never left on the host."""
+    batches = micro_batches(_batch(), torch.arange(11, dtype=torch.float32), 40, pad_id=0,
+                            world=2, device=torch.device("meta"))
+    for b in batches:
+        for name in ("input_ids", "position_ids", "targets", "mask", "sampler_logprobs",
+                     "advantages", "index"):
+            assert getattr(b, name).device.type == "meta", name
+
+
+@pytest.mark.parametrize("multiple", [2, 4])
+def test_widths_padded_for_sequence_parallel_without_changing_the_loss_tokens(multiple):
+    completions, adv = _batch(), torch.arange(11, dtype=torch.float32)
+    plain = micro_batches(completions, adv, 64, pad_id=0)
+    padded = micro_batches(completions, adv, 64, pad_id=0, width_multiple=multiple)
+    assert all(b.input_ids.shape[1] % multiple == 0 for b in padded)
+    # the same tokens get loss, with the same sampler log-probs: padding never enters
+    assert _masked_sampler_sums(padded) == pytest.approx(_masked_sampler_sums(plain))
+
+
+def _masked_sampler_sums(batches) -> dict[int, float]:
+    """Completion index -> sum of its masked sampler log-probs."""
+    return {int(i): float((b.sampler_logprobs[r] * b.mask[r]).sum())
+            for b in batches for r, i in enumerate(b.index)}
+
+
+def test_uniform_plan_gives_one_shape_for_the_pipeline_schedule():
+    completions, adv = _batch(), torch.arange(11, dtype=torch.float32)
+    for rank in range(2):
+        batches = micro_batches(completions, adv, 40, pad_id=0, rank=rank, world=2,
+                                width_multiple=2, uniform=True)
+        assert len({tuple(b.input_ids.shape) for b in batches}) == 1
+        assert batches[0].input_ids.numel() <= 40
+    seen = sorted(int(i) for r in range(2) for b in micro_batches(
+        completions, adv, 40, pad_id=0, rank=r, world=2, uniform=True) for i in b.index)
+    assert seen == list(range(11))

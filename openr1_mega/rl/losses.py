@@ -10,7 +10,10 @@ For completion b, token t (shapes [B, T], `mask` 1 on response tokens):
 and the per-token losses are aggregated by `loss_type`:
 
     grpo     mean over each sequence's tokens, then mean over sequences  (DeepSeekMath)
-    bnpo     sum over all tokens / number of tokens in the batch
+    bnpo     sum over all tokens / number of tokens in the batch (the trainer's batch is
+             the step's whole rollout batch, over all data-parallel ranks, so with one
+             optimizer step per rollout bnpo equals dapo; TRL's per-device bnpo differs
+             only under gradient accumulation)
     dr_grpo  sum over all tokens / (B * max_completion_length)           (Dr. GRPO)
     dapo     sum over all tokens / number of tokens in the *global* batch (DAPO)
 
