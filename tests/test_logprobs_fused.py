@@ -127,3 +127,95 @@ def test_tp2_and_sequence_parallel_match_logits_path(tmp_path):
     for rank, results in enumerate(per_rank):
         for name in TP2_CASES:
             _assert_same(results[name], f"{name} rank {rank}")
+
+
+def _pipeline_step(model, batches, loss_path) -> tuple[list, dict]:
+    """One forward+backward of Megatron's PP schedule; the last stage's loss uses `loss_path`."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from openr1_mega.parallel.cpu_device import cuda_as_cpu
+
+    logps = []
+
+    def forward_step(data_iterator, chunk):
+        ids, positions, run_loss = next(data_iterator)
+
+        def loss_func(output):
+            loss, logp = run_loss(output)
+            logps.append(logp.detach().numpy())
+            return loss, {"loss": loss.detach()}
+
+        return loss_path(chunk, ids, positions), loss_func
+
+    model.zero_grad_buffer()
+    with cuda_as_cpu():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=2,
+            forward_only=False)
+    return logps, _grads(model)
+
+
+def _pipeline_worker(rank, world_size, root, temperature):
+    import torch
+
+    from openr1_mega.checkpoint.hf import load_hf_weights
+    from openr1_mega.config import ParallelConfig, PrecisionConfig
+    from openr1_mega.models.build import build_model, model_arch
+    from openr1_mega.models.hidden import forward_hidden
+    from openr1_mega.parallel.init import initialize
+    from openr1_mega.train.logprobs import hidden_to_logprobs, logits_to_logprobs
+    from openr1_mega.train.step import wrap_ddp
+
+    results = {}
+    for tied in (False, True):
+        parallel = ParallelConfig(pp=2)
+        initialize(parallel)
+        hf_dir = helpers.tiny(root, "qwen2", tied)
+        gpt = build_model(hf_dir, parallel, precision=PrecisionConfig(dtype="fp32"))
+        load_hf_weights(gpt, hf_dir)
+        model, vocab = wrap_ddp(gpt), model_arch(gpt).vocab_size
+        positions = torch.arange(SEQ).expand(2, -1)
+
+        def logits_loss(output, targets, weights):
+            logp = logits_to_logprobs(output[:, :-1], targets, vocab, temperature)
+            return (logp * weights).sum(), logp
+
+        def hidden_loss(output, targets, weights):
+            logp = hidden_to_logprobs(model, output, targets, vocab, temperature, CHUNK)
+            return (logp * weights).sum(), logp
+
+        def batches(loss):
+            out = []
+            for seed in (0, 1):
+                ids, targets, weights = _case_inputs(vocab, seed)
+                out.append((ids, positions,
+                            lambda o, t=targets, w=weights: loss(o, t, w)))
+            return out
+
+        old = _pipeline_step(model, batches(logits_loss), lambda m, i, p: m(i, p, None))
+        new = _pipeline_step(model, batches(hidden_loss), lambda m, i, p: forward_hidden(
+            m, i, p, None))
+        results[tied] = {"old": old, "new": new}
+    return results
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_schedule_under_ddp(tmp_path):
+    """PP=2 (tied: the last stage's output weight mirrors stage 0's embedding): the last
+    stage's loss function receives forward_hidden's output; every rank's grads match."""
+    _write_models(tmp_path)
+    per_rank = run_world(_pipeline_worker, tmp_path, 0.7, world_size=2)
+    for rank, results in enumerate(per_rank):
+        for tied, result in results.items():
+            what = f"pp2 {'tied' if tied else 'untied'} rank {rank}"
+            old_logps, old_grads = result["old"]
+            new_logps, new_grads = result["new"]
+            assert len(new_logps) == (2 if rank == 1 else 0), f"{what}: loss calls"
+            for got, want in zip(new_logps, old_logps, strict=True):
+                np.testing.assert_allclose(got, want, err_msg=f"{what}: logp", **TOL)
+            assert sorted(new_grads) == sorted(old_grads)
+            for name, want in old_grads.items():
+                assert np.abs(want).max() > 0, f"{what}: {name} got no gradient"
+                np.testing.assert_allclose(new_grads[name], want,
+                                           err_msg=f"{what}: grad of {name}", **TOL)
