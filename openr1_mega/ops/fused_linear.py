@@ -9,7 +9,8 @@ the compiled kernel is there), and accumulates grad_hidden_c = grad_logits_c @ w
 grad_weight += grad_logits_c.T @ hidden_c. Peak extra memory is a few [chunk_size, V] tensors
 instead of several [N, V] ones, at the price of one more matmul per chunk in backward.
 grad_weight accumulates in float32 across chunks when the weight is 16-bit (as Megatron's main
-grads do), then is cast to the weight's dtype.
+grads do; each chunk's GEMM runs in the weight's dtype, so no fp32 copy of a chunk's logits is
+made), then is cast to the weight's dtype.
 
 Vocab-parallel form (`group` given): `weight` is this rank's [V_local, H] shard of global vocab
 ids [vocab_start, vocab_start + V_local). Forward collects each chunk's shard partials (max,
@@ -207,9 +208,18 @@ class _FusedLinearLogprob(torch.autograd.Function):
             if want_hidden:
                 grad_hidden[a:b] = grad_logits @ weight
             if want_weight:
-                grad_weight.addmm_(grad_logits.T.to(wide), hidden[a:b].to(wide))
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden[a:b])
         return (grad_hidden, grad_weight.to(weight.dtype) if want_weight else None,
                 None, None, None, None, None)
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """grad_weight += grad_logits.T @ hidden. 16-bit: the GEMM in the inputs' dtype (fp32
+    inside), summed over chunks in fp32, so no fp32 copy of the [c, V] chunk is made."""
+    if grad_weight.dtype == grad_logits.dtype:
+        grad_weight.addmm_(grad_logits.T, hidden)
+    else:
+        grad_weight.add_(grad_logits.T @ hidden)
 
 
 def _grad_logits(ctx, logits: Tensor, targets: Tensor, lse: Tensor, coefs) -> Tensor:
