@@ -4,10 +4,11 @@ logits) gives today's logits path's values and gradients through a real Megatron
 Reference: `logits_to_logprobs` on the logits of the same model's ordinary forward (already
 checked against transformers and a float64 reference elsewhere). Each case runs both paths
 on the same weights and batch with loss = sum(logp * w) for random per-token weights w, and
-compares the log-probs and every parameter gradient of the rank (decoder, norms, embedding,
-output layer): TP=1 and TP=2 (real gloo ranks), sequence parallel, temperature != 1, tied
-and untied, a padded vocabulary (the tiny tokenizer's vocabulary is padded to 512 columns,
-so at TP=2 rank 1's shard is mostly padding), and a PP=2 pipeline schedule under DDP.
+compares the log-probs, the entropies (against a float64 reference on the gathered logits)
+and every parameter gradient of the rank (decoder, norms, embedding, output layer): TP=1 and
+TP=2 (real gloo ranks), sequence parallel, temperature != 1, tied and untied, a padded
+vocabulary (the tiny tokenizer's 393 tokens are padded to 512 columns, so at TP=2 rank 1's
+shard [256, 512) is 119 columns of padding), and a PP=2 pipeline schedule under DDP.
 
 Tolerance (fp32): both paths do the same arithmetic in a different order (the output matmul
 per chunk of 16 tokens instead of once, the output weight's gradient summed over chunks), so
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tests import _mcore_helpers as helpers
 from tests._dist import run_world
@@ -30,8 +32,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _case_inputs(vocab: int, seed: int):
-    import torch
-
     ids = helpers.batch(vocab, seed, SEQ)
     weights = torch.rand(ids.shape[0], SEQ - 1, generator=torch.Generator().manual_seed(seed))
     return ids, ids[:, 1:], weights
@@ -48,8 +48,6 @@ def _grads(model) -> dict:
 
 def _both_paths(model, ids, targets, weights, vocab, temperature) -> dict:
     """(logp, grads) of today's logits path and of the fused path on one model."""
-    import torch
-
     from openr1_mega.models.hidden import forward_hidden
     from openr1_mega.train.logprobs import hidden_to_logprobs, logits_to_logprobs
 
@@ -62,7 +60,25 @@ def _both_paths(model, ids, targets, weights, vocab, temperature) -> dict:
     new = hidden_to_logprobs(model, hidden, targets, vocab, temperature, chunk_size=CHUNK)
     (new * weights).sum().backward()
     return {"old": old.detach().numpy(), "new": new.detach().numpy(), "shape": tuple(new.shape),
-            "old_grads": old_grads, "new_grads": _grads(model)}
+            "old_grads": old_grads, "new_grads": _grads(model),
+            "entropy": _entropies(model, ids, positions, targets, vocab, temperature)}
+
+
+@torch.no_grad()
+def _entropies(model, ids, positions, targets, vocab, temperature) -> tuple:
+    """(fused entropy, float64 reference on the TP-gathered logits' real columns), [B, T]."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from openr1_mega.models.hidden import forward_hidden
+    from openr1_mega.ops import reference
+    from openr1_mega.train.logprobs import hidden_to_logprobs_entropy
+
+    hidden = forward_hidden(model, ids, positions, None)
+    _, entropy = hidden_to_logprobs_entropy(model, hidden, targets, vocab, temperature, CHUNK)
+    logits = gather_from_tensor_model_parallel_region(model(ids, positions, None))
+    _, want = reference.token_logprob_entropy_reference(
+        logits[:, :-1, :vocab].double(), targets, temperature)
+    return entropy.numpy(), want.numpy()
 
 
 def _layouts_worker(rank, world_size, root, cases):
@@ -91,6 +107,7 @@ def _assert_same(result: dict, what: str) -> None:
     vocab, padded = result["padded"]
     assert padded > vocab, f"{what}: the case must have padded vocab columns"
     np.testing.assert_allclose(result["new"], result["old"], err_msg=f"{what}: logp", **TOL)
+    np.testing.assert_allclose(*result["entropy"], err_msg=f"{what}: entropy", **TOL)
     assert sorted(result["new_grads"]) == sorted(result["old_grads"])
     for name, want in result["old_grads"].items():
         assert np.abs(want).max() > 0, f"{what}: {name} got no gradient on the logits path"
@@ -157,8 +174,6 @@ def _pipeline_step(model, batches, loss_path) -> tuple[list, dict]:
 
 
 def _pipeline_worker(rank, world_size, root, temperature):
-    import torch
-
     from openr1_mega.checkpoint.hf import load_hf_weights
     from openr1_mega.config import ParallelConfig, PrecisionConfig
     from openr1_mega.models.build import build_model, model_arch
