@@ -28,7 +28,7 @@ from tests._dist import run_world
 
 SEQ = 38  # even: sequence parallel splits it over 2 ranks
 CHUNK = 16  # tokens per fused chunk: several chunks, the last one partial
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _case_inputs(vocab: int, seed: int):
@@ -173,7 +173,8 @@ def _pipeline_step(model, batches, loss_path) -> tuple[list, dict]:
     return logps, _grads(model)
 
 
-def _pipeline_worker(rank, world_size, root, temperature):
+def _pipeline_case(root, tied: bool, temperature: float) -> dict:
+    """Build a PP=2 DDP model; run the schedule with the logits loss, then the fused one."""
     from openr1_mega.checkpoint.hf import load_hf_weights
     from openr1_mega.config import ParallelConfig, PrecisionConfig
     from openr1_mega.models.build import build_model, model_arch
@@ -182,37 +183,37 @@ def _pipeline_worker(rank, world_size, root, temperature):
     from openr1_mega.train.logprobs import hidden_to_logprobs, logits_to_logprobs
     from openr1_mega.train.step import wrap_ddp
 
-    results = {}
-    for tied in (False, True):
-        parallel = ParallelConfig(pp=2)
-        initialize(parallel)
-        hf_dir = helpers.tiny(root, "qwen2", tied)
-        gpt = build_model(hf_dir, parallel, precision=PrecisionConfig(dtype="fp32"))
-        load_hf_weights(gpt, hf_dir)
-        model, vocab = wrap_ddp(gpt), model_arch(gpt).vocab_size
-        positions = torch.arange(SEQ).expand(2, -1)
+    parallel = ParallelConfig(pp=2)
+    initialize(parallel)
+    hf_dir = helpers.tiny(root, "qwen2", tied)
+    gpt = build_model(hf_dir, parallel, precision=PrecisionConfig(dtype="fp32"))
+    load_hf_weights(gpt, hf_dir)
+    model, vocab = wrap_ddp(gpt), model_arch(gpt).vocab_size
+    positions = torch.arange(SEQ).expand(2, -1)
 
-        def logits_loss(output, targets, weights):
-            logp = logits_to_logprobs(output[:, :-1], targets, vocab, temperature)
-            return (logp * weights).sum(), logp
+    def logits_loss(output, targets, weights):
+        logp = logits_to_logprobs(output[:, :-1], targets, vocab, temperature)
+        return (logp * weights).sum(), logp
 
-        def hidden_loss(output, targets, weights):
-            logp = hidden_to_logprobs(model, output, targets, vocab, temperature, CHUNK)
-            return (logp * weights).sum(), logp
+    def hidden_loss(output, targets, weights):
+        logp = hidden_to_logprobs(model, output, targets, vocab, temperature, CHUNK)
+        return (logp * weights).sum(), logp
 
-        def batches(loss):
-            out = []
-            for seed in (0, 1):
-                ids, targets, weights = _case_inputs(vocab, seed)
-                out.append((ids, positions,
-                            lambda o, t=targets, w=weights: loss(o, t, w)))
-            return out
+    def batches(loss):
+        out = []
+        for seed in (0, 1):
+            ids, targets, weights = _case_inputs(vocab, seed)
+            out.append((ids, positions, lambda o, t=targets, w=weights: loss(o, t, w)))
+        return out
 
-        old = _pipeline_step(model, batches(logits_loss), lambda m, i, p: m(i, p, None))
-        new = _pipeline_step(model, batches(hidden_loss), lambda m, i, p: forward_hidden(
-            m, i, p, None))
-        results[tied] = {"old": old, "new": new}
-    return results
+    old = _pipeline_step(model, batches(logits_loss), lambda m, i, p: m(i, p, None))
+    new = _pipeline_step(model, batches(hidden_loss),
+                         lambda m, i, p: forward_hidden(m, i, p, None))
+    return {"old": old, "new": new}
+
+
+def _pipeline_worker(rank, world_size, root, temperature):
+    return {tied: _pipeline_case(root, tied, temperature) for tied in (False, True)}
 
 
 @pytest.mark.slow
@@ -263,7 +264,8 @@ def test_bf16_fused_error_within_twice_torch_error():
 
     hidden, weight, coef = _op_inputs(torch.bfloat16)
     vocab, temperature = 71, 0.7
-    targets = torch.randint(0, vocab, (hidden.shape[0],), generator=torch.Generator().manual_seed(4))
+    targets = torch.randint(0, vocab, (hidden.shape[0],),
+                            generator=torch.Generator().manual_seed(4))
     want = _reference_grads(hidden, weight, targets, coef, vocab, temperature)
 
     def fused(h, w):
@@ -293,7 +295,8 @@ def _padded_shard_worker(rank, world_size, vocab, temperature):
     from openr1_mega import ops
 
     hidden, weight, coef = _op_inputs(torch.float32)
-    targets = torch.randint(0, vocab, (hidden.shape[0],), generator=torch.Generator().manual_seed(4))
+    targets = torch.randint(0, vocab, (hidden.shape[0],),
+                            generator=torch.Generator().manual_seed(4))
     local = weight.shape[0] // world_size
     h = hidden.clone().requires_grad_()
     w = weight[rank * local:(rank + 1) * local].clone().requires_grad_()

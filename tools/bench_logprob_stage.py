@@ -62,10 +62,11 @@ def _model(args):
     from openr1_mega.parallel.init import initialize
 
     initialize(ParallelConfig())
-    config = dict(model_type="qwen3", hidden_size=args.hidden, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=64, intermediate_size=2 * args.hidden,
-                  num_hidden_layers=1, vocab_size=args.vocab, max_position_embeddings=65536,
-                  rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)
+    config = {"model_type": "qwen3", "hidden_size": args.hidden, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 64, "intermediate_size": 2 * args.hidden,
+              "num_hidden_layers": 1, "vocab_size": args.vocab,
+              "max_position_embeddings": 65536, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+              "tie_word_embeddings": False}
     return build_model(config, ParallelConfig(), precision=PrecisionConfig(dtype="bf16"))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state as ps
-
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -87,8 +86,8 @@ def _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, with
     steps, flat_targets = targets.shape[1], targets.T.reshape(-1)
     rows = full[:steps].reshape(steps * batch, full.shape[2])  # [T*B, H], a view
     tp = _group_size(layer.tp_group)
-    split = dict(vocab_start=_group_rank(layer.tp_group) * weight.shape[0] if tp > 1 else 0,
-                 group=layer.tp_group if tp > 1 else None, vocab_size=vocab_size)
+    split = {"vocab_start": _group_rank(layer.tp_group) * weight.shape[0] if tp > 1 else 0,
+             "group": layer.tp_group if tp > 1 else None, "vocab_size": vocab_size}
     if with_entropy:
         logp, entropy = ops.fused_linear_token_logprob_entropy(
             rows, weight, flat_targets, temperature, chunk_size, **split)
