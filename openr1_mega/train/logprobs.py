@@ -1,17 +1,31 @@
-"""Token log-probs from a Megatron GPTModel's logits, under any tensor-parallel size.
+"""Token log-probs from a Megatron GPTModel's logits or final hidden states, under any TP size.
 
 Megatron pads the vocabulary (to a multiple of 128 x TP) and, under TP, each rank holds
 a [.., V_padded / TP] slice. The padded columns are not tokens: they are set to -inf so
 the log-softmax matches the unpadded model (and vLLM). TP = 1 uses the fused
 token_logprob kernel; TP > 1 its vocab-parallel form (partials all-reduced on the TP group).
+
+`hidden_to_logprobs` is the loss path without logits: from the final hidden states that
+`models.hidden.forward_hidden` returns, it does what the column-parallel output layer does
+to its input (under sequence parallel all-gather the sequence, backward reduce-scatter; under
+plain TP copy, backward all-reduce) and then the output-layer matmul fused with token_logprob,
+chunk by chunk over tokens (`ops.fused_linear_token_logprob`), so peak extra memory is
+O(chunk_size x V / TP) instead of several [B, S, V / TP] tensors.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 
 from openr1_mega import ops
+from openr1_mega.models.build import unwrap
+from openr1_mega.models.hidden import output_weight
+from openr1_mega.ops.fused_linear import DEFAULT_CHUNK_SIZE
 
 
 def logits_to_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -32,3 +46,75 @@ def logits_to_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: 
             flat_logits, flat_targets, start, ps.get_tensor_model_parallel_group(),
             temperature=temperature)
     return logp.view(batch, seq)
+
+
+def hidden_to_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                       vocab_size: int, temperature: float = 1.0,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log p(targets) from the last stage's final hidden states, never forming [B, S, V] logits.
+
+    Args:
+        model: the (wrapped) GPTModel whose last stage produced `hidden`.
+        hidden: [S_local, B, H] from `forward_hidden` (S_local = S / TP under sequence parallel).
+        targets: [B, T] token ids, T <= S: targets[b, t] is scored at position t (pass the
+            next tokens, T = S - 1, as for logits[:, :-1]).
+        vocab_size: the real vocabulary; padded columns >= it are masked out.
+        temperature: T > 0, the sampler's.
+        chunk_size: tokens per chunk of the output-layer matmul.
+
+    Returns:
+        fp32 [B, T], differentiable w.r.t. hidden and the output weight; equal on every TP rank.
+    """
+    return _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, False)[0]
+
+
+def hidden_to_logprobs_entropy(model: torch.nn.Module, hidden: torch.Tensor,
+                               targets: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                               chunk_size: int = DEFAULT_CHUNK_SIZE
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [B, T], entropy [B, T]) of softmax(logits / T); see `hidden_to_logprobs`."""
+    return _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, True)
+
+
+def _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, with_entropy):
+    layer, weight = unwrap(model).output_layer, output_weight(model)
+    full = _output_layer_input(layer, hidden).to(weight.dtype)  # [S, B, H]
+    seq, batch = full.shape[:2]
+    if targets.dim() != 2 or targets.shape[0] != batch or targets.shape[1] > seq:
+        raise ValueError(f"targets: expected [{batch}, T <= {seq}] for hidden states of "
+                         f"{seq} positions x {batch} sequences, got {tuple(targets.shape)}")
+    steps, flat_targets = targets.shape[1], targets.T.reshape(-1)
+    rows = full[:steps].reshape(steps * batch, full.shape[2])  # [T*B, H], a view
+    tp = _group_size(layer.tp_group)
+    split = {"vocab_start": _group_rank(layer.tp_group) * weight.shape[0] if tp > 1 else 0,
+             "group": layer.tp_group if tp > 1 else None, "vocab_size": vocab_size}
+    if with_entropy:
+        logp, entropy = ops.fused_linear_token_logprob_entropy(
+            rows, weight, flat_targets, temperature, chunk_size, **split)
+        return _batch_major(logp, batch), _batch_major(entropy, batch)
+    logp = ops.fused_linear_token_logprob(rows, weight, flat_targets, temperature, chunk_size,
+                                          **split)
+    return _batch_major(logp, batch), None
+
+
+def _batch_major(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """[T*B] in (position, sequence) order -> [B, T]."""
+    return values.view(-1, batch).T.contiguous()
+
+
+def _group_size(group) -> int:
+    return torch.distributed.get_world_size(group) if group is not None else 1
+
+
+def _group_rank(group) -> int:
+    return torch.distributed.get_rank(group) if group is not None else 0
+
+
+def _output_layer_input(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """What ColumnParallelLinear feeds its matmul: the full sequence, with the backward
+    collective that sums the vocab shards' partial input gradients."""
+    if layer.sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden, True, group=layer.tp_group)
+    if _group_size(layer.tp_group) > 1:
+        return copy_to_tensor_model_parallel_region(hidden, group=layer.tp_group)
+    return hidden

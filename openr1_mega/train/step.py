@@ -72,11 +72,11 @@ class CpuAdamW:
     """AdamW over DDP's fp32 main grads, with Megatron-style global-norm clipping (CPU)."""
 
     def __init__(self, model: DistributedDataParallel, optim: OptimConfig):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        groups = megatron_param_groups(model, optim.weight_decay)
+        self.params = [p for group in groups for p in group["params"]]  # the optimizer's order
         self.optim = optim
-        self.inner = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay,
-                                       betas=(optim.adam_beta1, optim.adam_beta2),
-                                       eps=optim.adam_eps)
+        self.inner = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.adam_beta1,
+                                       optim.adam_beta2), eps=optim.adam_eps)
 
     @property
     def param_groups(self):
@@ -128,6 +128,36 @@ class CpuAdamW:
             if not self.inner.state[p]:
                 self.inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                            exp_avg_sq=torch.zeros_like(p))
+
+
+def megatron_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Megatron-Core's parameter groups: (wd_mult, is_expert_parallel), same rule, fixed order.
+
+    Megatron (`optimizer._get_param_groups` with `get_standard_config_overrides`) gives
+    wd_mult = 0 to every bias (`*.bias`) and every 1-D parameter (norm weights), and splits
+    expert-parallel parameters (`allreduce=False`) into their own groups; its
+    OptimizerParamScheduler then sets weight_decay = weight_decay x wd_mult per group. Here
+    the same ParamKey rule decides, and the weight decay is set once (CPU steps have no
+    scheduler). All four groups always exist, in this order (empty ones too), so every rank
+    has the same groups and the checkpoint's common param_groups fit every rank without an
+    object collective.
+    """
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        combine_param_group_overrides,
+        get_standard_config_overrides,
+    )
+
+    overrides = get_standard_config_overrides(OptimizerConfig(weight_decay=weight_decay))
+    groups = {(mult, expert): [] for expert in (False, True) for mult in (1.0, 0.0)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        matched = [o for key, o in overrides.items() if key.matches(param, name)]
+        mult = combine_param_group_overrides(matched).get("wd_mult", 1.0) if matched else 1.0
+        groups.setdefault((float(mult), not getattr(param, "allreduce", True)), []).append(param)
+    return [{"params": params, "wd_mult": mult, "is_expert_parallel": expert,
+             "weight_decay": weight_decay * mult} for (mult, expert), params in groups.items()]
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
