@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.extension-stamp
 CMAKE_BUILD := build/cmake
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install extension test test-fast cpp-test demo bench lint clean
+.PHONY: install extension test test-fast cpp-test demo bench lint clean gpu-wheels
 
 install: $(STAMP) $(EXT_STAMP)
 
@@ -45,6 +45,16 @@ demo: install
 
 bench: install
 	$(PY) tools/bench_kernels.py --device cpu
+
+# Wheels tools/gpu_smoke.sh installs on a GPU machine without network (Python 3.12): carry
+# wheels/ there. megatron-core is cp312 manylinux; the rest is pure Python or static binaries.
+GPU_WHEELS := megatron-core==0.16.1 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
+              pygments==2.21.0 packaging==26.4 ninja==1.13.2 cmake==4.4.5
+
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --python-version 3.12 --only-binary=:all: \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+	  -d wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info openr1_mega/_C*.so

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# GRPO on a dense model. On this CPU machine: a tiny Qwen2 with TP=2.
-#   NPROC=2 bash examples/grpo_dense.sh                     # tiny, CPU, gloo
-#   NPROC=8 RECIPE=examples/recipes/qwen2.5_7b/grpo.yaml bash examples/grpo_dense.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-NPROC=${NPROC:-2}
-RECIPE=${RECIPE:-examples/recipes/tiny/grpo_dense.yaml}
-PY=${PY:-.venv/bin/python}
-if [ "$RECIPE" = examples/recipes/tiny/grpo_dense.yaml ]; then
-  $PY tools/make_tiny_model.py --arch qwen2 --out outputs/tiny-qwen2
-fi
-exec "$(dirname "$PY")/torchrun" --standalone --nproc_per_node "$NPROC" \
-  -m openr1_mega.train.grpo --recipe "$RECIPE" "$@"
+""":"
+# GRPO on a dense model; default: a tiny Qwen2 with TP=2 on two gloo ranks (CPU).
+#   bash examples/grpo_dense.sh [key=value ...]              # NPROC ranks here (default 2)
+#   torchrun --nproc-per-node 8 examples/grpo_dense.sh [key=value ...]   # or --no-python, or
+#   torchrun --nnodes N --node-rank I --rdzv-backend c10d --rdzv-endpoint HOST:PORT ... (slurm/)
+#   RECIPE=examples/recipes/qwen2.5_7b/grpo.yaml torchrun --nproc-per-node 8 examples/grpo_dense.sh
+# Bash and Python read this file: torchrun runs it with Python, which hands it to bash.
+NPROC=${NPROC:-2} ENTRY=openr1_mega.train.grpo
+DEFAULT_RECIPE=examples/recipes/tiny/grpo_dense.yaml TINY=qwen2:outputs/tiny-qwen2
+source "$(dirname "$0")/_launch.sh"  # execs the job: bash stops here
+: <<'#'  # (for `bash -n`: the Python below, up to the lone "#", is a here-document)
+":"""
+# Python: torchrun ran this file as a script; run it as bash in this same rank process.
+import os
+import sys
+
+os.environ.setdefault("PY", sys.executable)
+os.execvp("bash", ["bash", __file__, *sys.argv[1:]])
+#

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# GRPO on a Mixture-of-Experts model. On this CPU machine: a tiny Qwen3-MoE with EP=2.
-#   NPROC=2 bash examples/grpo_moe.sh                       # tiny, CPU, gloo
-#   NPROC=8 RECIPE=examples/recipes/qwen3_30b_a3b/grpo.yaml bash examples/grpo_moe.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-NPROC=${NPROC:-2}
-RECIPE=${RECIPE:-examples/recipes/tiny/grpo_moe.yaml}
-PY=${PY:-.venv/bin/python}
-if [ "$RECIPE" = examples/recipes/tiny/grpo_moe.yaml ]; then
-  $PY tools/make_tiny_model.py --arch qwen3_moe --out outputs/tiny-qwen3-moe
-fi
-exec "$(dirname "$PY")/torchrun" --standalone --nproc_per_node "$NPROC" \
-  -m openr1_mega.train.grpo --recipe "$RECIPE" "$@"
+""":"
+# GRPO on a Mixture-of-Experts model; default: a tiny Qwen3-MoE with EP=2 (CPU).
+#   bash examples/grpo_moe.sh [key=value ...]              # NPROC ranks here (default 2)
+#   torchrun --nproc-per-node 8 examples/grpo_moe.sh [key=value ...]   # or --no-python, or
+#   torchrun --nnodes N --node-rank I --rdzv-backend c10d --rdzv-endpoint HOST:PORT ... (slurm/)
+#   RECIPE=examples/recipes/qwen3_30b_a3b/grpo.yaml torchrun --nproc-per-node 8 examples/grpo_moe.sh
+# Bash and Python read this file: torchrun runs it with Python, which hands it to bash.
+NPROC=${NPROC:-2} ENTRY=openr1_mega.train.grpo
+DEFAULT_RECIPE=examples/recipes/tiny/grpo_moe.yaml TINY=qwen3_moe:outputs/tiny-qwen3-moe
+source "$(dirname "$0")/_launch.sh"  # execs the job: bash stops here
+: <<'#'  # (for `bash -n`: the Python below, up to the lone "#", is a here-document)
+":"""
+# Python: torchrun ran this file as a script; run it as bash in this same rank process.
+import os
+import sys
+
+os.environ.setdefault("PY", sys.executable)
+os.execvp("bash", ["bash", __file__, *sys.argv[1:]])
+#

@@ -1,9 +1,9 @@
 """Hugging Face <-> live Megatron model, through the architecture's weight map.
 
-load_hf_weights(model, hf_dir)   every rank reads, rule by rule, the HF tensors of the
-                                 parameters it holds, re-lays them (QKV groups, fused
-                                 gate/up, padded vocab), keeps its TP shard and copies it
-                                 in; memory: one rule's tensors at a time.
+load_hf_weights(model, hf_dir)   every rank reads, rule by rule, only its TP slice of the
+                                 HF tensors of the parameters it holds (`read_shard`),
+                                 re-lays it (QKV groups, fused gate/up, padded vocab) and
+                                 copies it in; memory: one rule's shard at a time.
 iter_hf_tensors(model)           the reverse, for export and for vLLM weight sync: yields
                                  (hub name, full tensor) on global rank 0, layer by layer
                                  (collective: all ranks must iterate it; see `gather`).
@@ -27,7 +27,7 @@ from openr1_mega.checkpoint.gather import gather_groups, tp_coords
 from openr1_mega.checkpoint.safetensors_io import HFReader, HFWriter, copy_hf_assets
 from openr1_mega.config.schema import ArchConfig
 from openr1_mega.models.archs import weight_map
-from openr1_mega.models.archs.common import hf_shapes, shard, to_hf, to_mcore
+from openr1_mega.models.archs.common import Kind, Rule, hf_shapes, to_hf, to_mcore
 from openr1_mega.models.build import model_arch, unwrap
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -64,11 +64,12 @@ def _global_name(gpt, name: str) -> str:
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> int:
     """Copy an HF checkpoint's weights into this rank's shard of `model` (no collectives).
 
-    Raises ValueError if a tensor has an unexpected shape or if any parameter of the model
-    is left unset (so a wrong map cannot leave random weights behind silently).
+    Each rank reads only the bytes of its own TP shard (`read_shard`). Raises ValueError if
+    a tensor has an unexpected shape or if any parameter of the model is left unset (so a
+    wrong map cannot leave random weights behind silently). Returns the tensor bytes read.
     """
     gpt, arch = unwrap(model), model_arch(model)
     params, reader, loaded = param_index(model), HFReader(hf_dir), set()
@@ -76,12 +77,11 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
         param = params.get(rule.mcore)
         if param is None:
             continue
-        tensors = [reader.get(n) for n in rule.hf]
-        for name, t, want in zip(rule.hf, tensors, hf_shapes(rule, arch), strict=True):
-            if tuple(t.shape) != want:
-                raise ValueError(f"{hf_dir}: {name} has shape {tuple(t.shape)}, expected {want}")
-        full = to_mcore(rule, tensors, arch, gpt.vocab_size)
-        local = shard(rule, full, *tp_coords(rule))
+        for name, want in zip(rule.hf, hf_shapes(rule, arch), strict=True):
+            if reader.shape(name) != want:
+                raise ValueError(f"{hf_dir}: {name} has shape {reader.shape(name)}, "
+                                 f"expected {want}")
+        local = read_shard(reader, rule, arch, gpt.vocab_size, *tp_coords(rule))
         if local.shape != param.shape:
             raise ValueError(f"{rule.mcore}: shard shape {tuple(local.shape)} != parameter "
                              f"shape {tuple(param.shape)}")
@@ -90,6 +90,45 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"parameters not covered by the {arch.arch} weight map: {missing}")
+    return reader.bytes_read
+
+
+def read_shard(reader: HFReader, rule: Rule, arch: ArchConfig, padded_vocab: int,
+               rank: int, size: int) -> torch.Tensor:
+    """`shard(rule, to_mcore(rule, <HF tensors>), rank, size)`, reading only that shard.
+
+    Every TP split of a Megatron tensor is a slice of each HF tensor it is made of:
+    COPY along `tp_dim`; GATE_UP the rank's rows of gate and of up; VOCAB the rank's rows
+    of the padded table (the rows past the real vocabulary are zeros, never read); QKV
+    whole KV groups, i.e. the rank's rows of q, of k and of v.
+    """
+    if rule.tp_dim is None or size == 1:
+        return to_mcore(rule, [reader.get(n) for n in rule.hf], arch, padded_vocab)
+    if rule.kind is Kind.COPY:
+        return _read_chunk(reader, rule.hf[0], rule.tp_dim, rank, size)
+    if rule.kind is Kind.GATE_UP:
+        return torch.cat([_read_chunk(reader, n, 0, rank, size) for n in rule.hf])
+    if rule.kind is Kind.VOCAB:
+        rows, vocab = padded_vocab // size, reader.shape(rule.hf[0])[0]
+        start = rank * rows
+        table = reader.get_slice(rule.hf[0], 0, min(start, vocab), min(start + rows, vocab))
+        return torch.cat([table, table.new_zeros(rows - table.shape[0], *table.shape[1:])])
+    if arch.num_kv_heads % size:
+        raise ValueError(f"{rule.mcore}: {arch.num_kv_heads} KV groups do not split over "
+                         f"{size} tensor-parallel ranks")
+    q, k, v = (_read_chunk(reader, n, 0, rank, size) for n in rule.hf)
+    groups, d, rest = arch.num_kv_heads // size, arch.head_dim, q.shape[1:]
+    parts = (q.reshape(groups, -1, *rest), k.reshape(groups, d, *rest),
+             v.reshape(groups, d, *rest))
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+def _read_chunk(reader: HFReader, name: str, dim: int, rank: int, size: int) -> torch.Tensor:
+    """`reader.get(name).chunk(size, dim)[rank]`, reading only that chunk."""
+    n = reader.shape(name)[dim]
+    step = -(-n // size)  # torch.chunk's chunk length
+    start = min(rank * step, n)
+    return reader.get_slice(name, dim, start, min(start + step, n))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ data_offsets}}, then the raw bytes (offsets relative to the end of the header).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -68,16 +69,45 @@ class HFReader:
         """dtype of tensor `name` (from the header, nothing read)."""
         return DTYPES[self._entry(name)[1]["dtype"]]
 
+    bytes_read: int = 0
+    """Tensor bytes `get` and `get_slice` have requested from the files so far."""
+
     def get(self, name: str) -> torch.Tensor:
         """Read tensor `name` into a fresh CPU tensor."""
         file, entry, data_start = self._entry(name)
         start, end = entry["data_offsets"]
+        self.bytes_read += end - start
         buf = torch.empty(end - start, dtype=torch.uint8)
         with open(file, "rb") as f:
             f.seek(data_start + start)
             if f.readinto(buf.numpy()) != end - start:
                 raise OSError(f"{file}: truncated data for tensor {name}")
         return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Read only `tensor[..., start:stop, ...]` (along `dim`) of tensor `name`.
+
+        The slice is `prod(shape[:dim])` contiguous runs of the file, one `pread` each
+        (dim 0: a single run), so a tensor-parallel rank reads its shard and nothing else.
+        """
+        file, entry, data_start = self._entry(name)
+        shape, dtype = list(entry["shape"]), DTYPES[entry["dtype"]]
+        if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
+            raise ValueError(f"{file}: slice [{start}:{stop}] of dim {dim} is outside tensor "
+                             f"{name} of shape {tuple(shape)}")
+        inner = torch.Size(shape[dim + 1:]).numel() * torch.empty((), dtype=dtype).element_size()
+        outer, run = torch.Size(shape[:dim]).numel(), (stop - start) * inner
+        buf = torch.empty(outer * run, dtype=torch.uint8)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            for i in range(outer):
+                offset = data_start + entry["data_offsets"][0] + (i * shape[dim] + start) * inner
+                if _pread_into(fd, buf[i * run:(i + 1) * run].numpy(), offset) != run:
+                    raise OSError(f"{file}: truncated data for tensor {name}")
+        finally:
+            os.close(fd)
+        self.bytes_read += outer * run
+        return buf.view(dtype).reshape(shape[:dim] + [stop - start] + shape[dim + 1:])
 
     def _entry(self, name: str) -> tuple[Path, dict, int]:
         if name not in self._entries:
@@ -177,6 +207,17 @@ def copy_hf_assets(src: str | Path, dst: str | Path) -> None:
     for file in Path(src).iterdir():
         if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name != INDEX:
             shutil.copy2(file, dst / file.name)
+
+
+def _pread_into(fd: int, out, offset: int) -> int:
+    """Fill the buffer `out` from `offset` (one read caps near 2 GiB); bytes read."""
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def _read_header(file: Path) -> tuple[dict, int]:

@@ -1,8 +1,8 @@
 """Process groups for TP/PP/EP/CP/DP through `megatron.core.parallel_state`.
 
 `initialize(parallel)` is called once per process before building a model:
-1. join `torch.distributed` if nobody did yet (env from torchrun, or a single local rank),
-   with NCCL on CUDA and gloo on CPU;
+1. join `torch.distributed` if nobody did yet (env from torchrun, from srun through
+   `parallel.launch`, or a single local rank), with NCCL on CUDA and gloo on CPU;
 2. apply the CPU compatibility layer when CUDA is absent (`parallel.cpu_compat`);
 3. check the layout divides the world, create Megatron's groups (order tp-cp-ep-dp-pp);
 4. seed the model-parallel RNG tracker (TP ranks differ, DP replicas agree).
@@ -22,6 +22,7 @@ from megatron.core import tensor_parallel
 
 from openr1_mega.config.schema import ParallelConfig
 from openr1_mega.parallel import cpu_compat
+from openr1_mega.parallel.launch import apply_launcher_env
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
@@ -68,6 +69,7 @@ def _init_torch_distributed(on_cpu: bool) -> None:
     if dist.is_initialized():
         return
     backend = "gloo" if on_cpu else "nccl"
+    apply_launcher_env()  # srun without torchrun: RANK/WORLD_SIZE/... from Slurm's variables
     if "RANK" not in os.environ:  # a lone process: a world of one on localhost
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
