@@ -41,9 +41,15 @@ LAYOUTS = {  # name: (architecture, ranks, parallel section)
 LAYERS = {"qwen2": 4, "qwen3_moe": 2}
 
 
+def _model(model: Path) -> dict:
+    # The MoE load-balancing loss is computed per micro-batch, so its gradient depends on how
+    # the batch is split: off here, so every layout optimises exactly the same objective.
+    return {"path": str(model), "attention_backend": "sdpa", "moe_aux_loss_coeff": 0.0}
+
+
 def _grpo_recipe(model: Path, out: Path, parallel: dict) -> dict:
     return {
-        "model": {"path": str(model), "attention_backend": "sdpa"},
+        "model": _model(model),
         "parallel": parallel, "precision": {"dtype": "fp32"}, "optim": {"lr": 1e-3},
         "data": {"source": "task:arithmetic", "num_train": 64, "num_eval": 4},
         "rollout": {"group_size": 4, "max_tokens": 12, "dtype": "float32",
@@ -56,7 +62,7 @@ def _grpo_recipe(model: Path, out: Path, parallel: dict) -> dict:
 
 def _sft_recipe(model: Path, out: Path, parallel: dict) -> dict:
     return {
-        "model": {"path": str(model), "attention_backend": "sdpa"},
+        "model": _model(model),
         "parallel": parallel, "precision": {"dtype": "fp32"}, "optim": {"lr": 1e-3},
         "sft": {"source": "task:arithmetic", "num_train": 64, "seq_length": 101,
                 "rows_per_step": 4, "max_steps": 2, "eval_fraction": 0.1},

@@ -11,7 +11,7 @@
 3. GRPO from pre-made completions (no vLLM): prompts of the built-in task, completions of
    random tokens from a fixed seed whose "sampler" log-probs come from transformers, fixed
    rewards -> ops.grpo_advantage_stats -> rl.experience.micro_batches -> the trainer's loss
-   (grpo._grpo_forward, KL to the reference model) -> train_step. Check: the trainer's
+   (grpo.GrpoLoss, KL to the reference model) -> train_step. Check: the trainer's
    log-probs match transformers' (sampler/abs_logprob_diff < 1e-4) and the grad norm is
    finite and positive;
 4. each algorithm runs `--steps` steps; the JSON reports the median time of the steps after
@@ -115,8 +115,8 @@ def sft_check(model_dir: Path, out_dir: Path, steps: int) -> dict:
         mine = [to_device(r, device) for r in rows[step * per_step:(step + 1) * per_step]]
         tokens = float(sum(r.num_tokens for r in mine))
         return train_step(ctx.ddp, ctx.optimizer, mine, sft.sft_forward(ctx, tokens, len(mine)),
-                          seq_length=max(r.input_ids.shape[-1] for r in mine),
-                          lr=recipe.optim.lr)
+                          lr=recipe.optim.lr, metric_names=("loss",),
+                          shape=(1, max(r.input_ids.shape[-1] for r in mine)))
 
     metrics, seconds = timed_steps(run_step, steps, device)
     loss = metrics[0]["loss"]
@@ -167,17 +167,16 @@ def grpo_check(model_dir: Path, out_dir: Path, steps: int) -> dict:
         load_hf(model_dir, device), r.temperature)
     rewards = torch.arange(len(completions), dtype=torch.float32) % 3  # spread in every group
     stats = ops.grpo_advantage_stats(rewards, group_size=r.group_size)
-    batches = [to_device(b, device) for b in micro_batches(
-        completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id)]
-    denominator = float(len(completions))
+    batches = micro_batches(completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id,
+                            device=device)
+    loss = grpo.GrpoLoss.for_step(g, r, ctx.vocab_size, len(completions), batches)
 
     def run_step(step: int) -> dict:
-        ref = grpo._forward_logprobs(ctx, ref_model, batches, r.temperature)
+        ref = loss.logprobs(ref_model, batches)
         items = list(zip(batches, [None] * len(batches), ref, strict=True))
-        return train_step(ctx.ddp, ctx.optimizer, items,
-                          grpo._grpo_forward(ctx, g, r, denominator, batches),
-                          seq_length=max(b.input_ids.shape[1] for b in batches),
-                          lr=recipe.optim.lr)
+        return train_step(ctx.ddp, ctx.optimizer, items, loss.forward_step, lr=recipe.optim.lr,
+                          metric_names=loss.metric_names,
+                          shape=grpo._plan_shape(batches))
 
     metrics, seconds = timed_steps(run_step, steps, device)
     first = metrics[0]

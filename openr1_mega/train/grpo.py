@@ -40,7 +40,8 @@ from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train.evaluate import accuracy_on
-from openr1_mega.train.logprobs import logits_to_logprobs
+from openr1_mega.models.hidden import forward_hidden
+from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
@@ -164,25 +165,26 @@ class GrpoLoss:
         return names + (("kl",) if self.grpo.beta > 0 else ())
 
     def forward_step(self, item: tuple, model) -> tuple:
-        """Policy forward of (batch, old, ref); the loss runs on the last pipeline stage."""
+        """Policy forward of (batch, old, ref) to the final hidden states; the loss runs on
+        the last pipeline stage, fused with the output layer (no [B, S, V] logits)."""
         batch, old, ref = item
-        return model(batch.input_ids, batch.position_ids, None), \
-            functools.partial(self._loss, batch, old, ref)
+        return forward_hidden(model, batch.input_ids, batch.position_ids, None), \
+            functools.partial(self._loss, model, batch, old, ref)
 
     def logprobs(self, model, batches: list) -> list:
         """Token log-probs [B, S-1] of each micro-batch under `model`, without gradients
         (old / reference policy); None entries on stages other than the last."""
         def step(batch, chunk):
-            return chunk(batch.input_ids, batch.position_ids, None), \
-                lambda output: (output.new_zeros(()),
-                                {"logp": self._token_logprobs(output, batch)})
+            return forward_hidden(chunk, batch.input_ids, batch.position_ids, None), \
+                lambda hidden: (hidden.new_zeros(()),
+                                {"logp": self._token_logprobs(chunk, hidden, batch)})
 
         out = forward_only(model, batches, step, _plan_shape(batches))
         return [m["logp"] for m in out] if out else [None] * len(batches)
 
-    def _loss(self, batch, old, ref, output: torch.Tensor) -> tuple:
+    def _loss(self, model, batch, old, ref, hidden: torch.Tensor) -> tuple:
         g = self.grpo
-        logp = self._token_logprobs(output, batch)
+        logp = self._token_logprobs(model, hidden, batch)
         old = logp.detach() if old is None else old  # the policy that sampled the batch
         loss, metrics = policy_loss(
             logp, old, batch.advantages, batch.mask,
@@ -201,8 +203,9 @@ class GrpoLoss:
             (old - batch.sampler_logprobs).abs() * batch.mask).sum() / self.tokens
         return scaled_loss(loss, self.num_microbatches), reduced
 
-    def _token_logprobs(self, output: torch.Tensor, batch) -> torch.Tensor:
-        return logits_to_logprobs(output[:, :-1], batch.targets, self.vocab_size,
+    def _token_logprobs(self, model, hidden: torch.Tensor, batch) -> torch.Tensor:
+        """log p(target) [B, S-1] from the final hidden states, at the sampler's temperature."""
+        return hidden_to_logprobs(model, hidden, batch.targets, self.vocab_size,
                                   self.temperature)
 
 

@@ -36,7 +36,8 @@ from openr1_mega.data.chat import encode_conversation, prompt_messages
 from openr1_mega.data.packing import Packed, pack_examples, pad_examples
 from openr1_mega.data.prompts import load_rows
 from openr1_mega.train import policy as policy_lib
-from openr1_mega.train.logprobs import logits_to_logprobs
+from openr1_mega.models.hidden import forward_hidden
+from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
@@ -146,10 +147,10 @@ def sft_forward(ctx, denominator: float, num_microbatches: int):
 
     def forward_step(row: Packed, model):
         row = _to_device(row, ctx.device)
-        output = model(**_model_inputs(row))
+        output = forward_hidden(model, **_model_inputs(row))
 
-        def loss_func(logits):
-            nll = -_row_logprobs(ctx, logits, row) * row.loss_mask.view(1, -1)
+        def loss_func(hidden):
+            nll = -_row_logprobs(ctx, model, hidden, row) * row.loss_mask.view(1, -1)
             loss = nll.sum() / denominator
             return scaled_loss(loss, num_microbatches), {"loss": loss.detach()}
 
@@ -164,8 +165,9 @@ def eval_loss(ctx, rows: list[Packed]) -> float:
     """
     def step(row: Packed, model):
         row = _to_device(row, ctx.device)
-        return model(**_model_inputs(row)), lambda logits: (logits.new_zeros(()), {
-            "nll": -(_row_logprobs(ctx, logits, row) * row.loss_mask.view(1, -1)).sum()})
+        return forward_hidden(model, **_model_inputs(row)), lambda hidden: (
+            hidden.new_zeros(()),
+            {"nll": -(_row_logprobs(ctx, model, hidden, row) * row.loss_mask.view(1, -1)).sum()})
 
     ctx.model.eval()
     out = forward_only(ctx.ddp, rows, step, _row_shape(rows))
@@ -195,8 +197,9 @@ def _model_inputs(row: Packed) -> dict:
     return inputs
 
 
-def _row_logprobs(ctx, logits: torch.Tensor, row: Packed) -> torch.Tensor:
-    return logits_to_logprobs(logits, row.labels.view(1, -1), ctx.vocab_size)
+def _row_logprobs(ctx, model, hidden: torch.Tensor, row: Packed) -> torch.Tensor:
+    """log p(label) [1, S] of one row from the final hidden states (no [S, V] logits)."""
+    return hidden_to_logprobs(model, hidden, row.labels.view(1, -1), ctx.vocab_size)
 
 
 def _global_tokens(rows: list[Packed]) -> float:
