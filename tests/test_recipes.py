@@ -33,12 +33,17 @@ def _hf_config(arch: str, **overrides) -> dict:
             "num_hidden_layers": 2, "max_position_embeddings": 4096, **overrides}
 
 
-def _tiny_model_dir(tmp_path, arch: str) -> Path:
+def _cpu_model_dir(tmp_path, path: Path) -> Path:
+    """config.json of the model a tiny/demo recipe trains (the demo's own 512-token Qwen2)."""
     import json
 
-    out = tmp_path / arch
-    out.mkdir(exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_hf_config(arch)))
+    from openr1_mega.demo import MODEL
+
+    arch = TINY_ARCH.get(path.name, "qwen2")
+    config = {**MODEL, "vocab_size": 256} if path.parent.name == "demo" else _hf_config(arch)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
     return out
 
 
@@ -55,7 +60,7 @@ def test_recipe_passes_its_dry_run(path, tmp_path, capsys):
     config.json shipped beside them, the CPU ones against a tiny model of their arch."""
     overrides = []
     if path.parent.name in ("tiny", "demo"):
-        overrides = [f"model.path={_tiny_model_dir(tmp_path, TINY_ARCH.get(path.name, 'qwen2'))}"]
+        overrides = [f"model.path={_cpu_model_dir(tmp_path, path)}"]
     loop = SftRecipe if "sft" in path.name else GrpoRecipe
     entry = "openr1_mega.train.sft" if loop is SftRecipe else "openr1_mega.train.grpo"
     module = __import__(entry, fromlist=["main"])
