@@ -4,6 +4,7 @@ run's analytic per-rank parameter counts equal a real Megatron model's on every 
 from pathlib import Path
 
 import pytest
+import torch
 
 from openr1_mega.config.load import load_config
 from openr1_mega.models.tiny import TINY_CONFIGS
@@ -72,6 +73,16 @@ def test_recipe_passes_its_dry_run(path, tmp_path, capsys):
     assert len(stages) == plan["layout"]["pp"]
     assert sum(s["layers"][1] - s["layers"][0] + 1 for s in stages) == plan["model"]["layers"]
     assert all(s["total"] > 0 for s in stages)
+    assert not torch.distributed.is_initialized()  # built nothing: no process group
+
+
+def test_dry_run_world_defaults_to_the_smallest_that_fits(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plan = dry_run.make_plan(RECIPES / "qwen3_235b_a22b" / "grpo.yaml", [], GrpoRecipe)
+    assert plan["world_size"] == 64 and plan["layout"]["dp"] == 4  # tp4 x pp4 x (ep16 / tp4)
+    monkeypatch.setenv("WORLD_SIZE", "128")
+    assert dry_run.make_plan(RECIPES / "qwen3_235b_a22b" / "grpo.yaml", [], GrpoRecipe
+                             )["layout"]["dp"] == 8
 
 
 def test_235b_plan_splits_94_layers_and_counts_published_sizes():

@@ -33,7 +33,7 @@ from typing import Any
 from openr1_mega.config.layout import stage_layers, stage_offsets
 from openr1_mega.config.load import load_config
 from openr1_mega.config.schema import ArchConfig, ParallelConfig
-from openr1_mega.config.validate import recipe_arch
+from openr1_mega.config.validate import recipe_arch, world_size_from_env
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -118,8 +118,8 @@ def main(recipe_path: str | Path, overrides: list[str], cls: type,
 def make_plan(recipe_path: str | Path, overrides: list[str], cls: type,
               world_size: int | None = None) -> dict:
     """The plan as a dict: layout, per-stage parameters, and the loop's settings."""
-    world, world_from = _world_size(recipe_path, overrides, cls, world_size)
     unvalidated = _read(recipe_path, overrides, cls)
+    world, world_from = _world_size(unvalidated.parallel, world_size)
     on_cuda = targets_gpu(unvalidated)
     recipe = load_config(recipe_path, overrides, cls, world_size=world, on_cuda=on_cuda)
     arch = recipe_arch(recipe, recipe_path)
@@ -207,13 +207,12 @@ def _run_summary(recipe: Any, dp: int) -> dict:
             "tokens_per_step_max": s.rows_per_step * s.seq_length}
 
 
-def _world_size(recipe_path, overrides, cls, world_size: int | None) -> tuple[int, str]:
+def _world_size(parallel: ParallelConfig, world_size: int | None) -> tuple[int, str]:
     if world_size is not None:
         return world_size, "--world-size"
     if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"]), "$WORLD_SIZE"
-    return smallest_world(_read(recipe_path, overrides, cls).parallel), \
-        "smallest world the layout fits"
+        return world_size_from_env(), "$WORLD_SIZE"
+    return smallest_world(parallel), "smallest world the layout fits"
 
 
 def _read(recipe_path, overrides, cls):
