@@ -131,7 +131,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str], cls: type,
     total, active = model_totals(arch)
     return {
         "recipe": str(recipe_path), "world_size": world, "world_size_from": world_from,
-        "target": "GPU" if on_cuda else "CPU",
+        "target": _target(unvalidated, on_cuda),
         "model": _model_summary(recipe, arch, total, active),
         "layout": _layout_summary(par, world, arch),
         "params_per_rank": [dict(stage=s.stage, layers=[s.first_layer, s.first_layer + s.layers
@@ -151,6 +151,16 @@ def targets_gpu(recipe: Any) -> bool:
     model = recipe.model
     return (torch.cuda.is_available() or model.attention_backend == "te"
             or model.moe_token_dispatcher == "alltoall" or recipe.precision.fp8 is not None)
+
+
+def _target(recipe: Any, on_cuda: bool) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "GPU (this machine)"
+    if on_cuda:
+        return "GPU (the recipe asks for TE, alltoall or FP8)"
+    return "CPU (this machine; the recipe asks for nothing GPU-only)"
 
 
 def format_plan(plan: dict) -> str:
@@ -181,11 +191,12 @@ def _model_summary(recipe: Any, arch: ArchConfig, total: int, active: int) -> di
 
 
 def _layout_summary(par: ParallelConfig, world: int, arch: ArchConfig) -> dict:
-    dp = par.data_parallel_size(world)
-    return {"tp": par.tp, "pp": par.pp, "ep": par.ep, "etp": par.expert_tp, "cp": par.cp,
-            "dp": dp, "sequence_parallel": par.sequence_parallel,
-            "stage_layers": stage_layers(arch.num_layers, par),
-            "expert_dp": world // (par.pp * par.ep * par.expert_tp)}
+    out = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "etp": par.expert_tp, "cp": par.cp,
+           "dp": par.data_parallel_size(world), "sequence_parallel": par.sequence_parallel,
+           "stage_layers": stage_layers(arch.num_layers, par)}
+    if arch.moe:
+        out["expert_dp"] = world // (par.pp * par.ep * par.expert_tp)
+    return out
 
 
 def _run_summary(recipe: Any, dp: int) -> dict:
