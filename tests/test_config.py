@@ -252,3 +252,16 @@ def test_config_does_not_import_rl():
     from openr1_mega.rl import losses
 
     assert losses.LOSS_TYPES is LOSS_TYPES
+
+
+def test_build_validate_layout_accepts_uneven_splits_and_names_the_fields():
+    from openr1_mega.models.build import validate_layout
+
+    arch = dataclasses.replace(_moe_arch(True, None), num_layers=5, moe=None)
+    validate_layout(arch, ParallelConfig(pp=2, pp_first_stage_layers=2))
+    validate_layout(arch, ParallelConfig(pp=3, pp_first_stage_layers=1, pp_last_stage_layers=2))
+    with pytest.raises(ValueError, match=r"parallel.pp_first_stage_layers=5 leave 0 of "
+                                         r"arch.num_layers=5 for 1 middle stage"):
+        validate_layout(arch, ParallelConfig(pp=2, pp_first_stage_layers=5))
+    with pytest.raises(ValueError, match=r"arch.num_layers=5 is not divisible by parallel.pp=2"):
+        validate_layout(arch, ParallelConfig(pp=2))
