@@ -42,9 +42,8 @@ class ModelConfig:
     """The `model:` section: which checkpoint, and the build choices that are ours to make."""
 
     path: str = ""
-    """Hugging Face model directory (config.json + safetensors, tokenizer). When it does not
-    exist yet (a recipe read on a laptop), the layout is checked against a config.json
-    shipped beside the recipe."""
+    """Hugging Face model directory (config.json + safetensors) or a Megatron checkpoint
+    directory written by `tools/convert_checkpoint.py hf-to-mcore`."""
     attention_backend: str = "auto"
     """auto: Transformer Engine when it imports, else SDPA; te: require TE; sdpa: our
     torch scaled_dot_product_attention core attention."""
