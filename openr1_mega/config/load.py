@@ -3,7 +3,9 @@
 `load_config("recipe.yaml", ["parallel.tp=2"])` reads the YAML, applies dotted
 `key=value` overrides (values parsed as YAML scalars), and builds the nested dataclasses.
 Unknown keys, wrong types and bad values are errors that name the offending key, so a typo
-in a recipe fails at start-up instead of being silently ignored.
+in a recipe fails at start-up instead of being silently ignored. A recipe with a `parallel`
+section is then checked as a whole (config.validate: world size, layout against the model's
+architecture, context length, reward names), still before any process group exists.
 """
 
 from __future__ import annotations
@@ -17,17 +19,32 @@ from typing import Any, TypeVar
 
 import yaml
 
+from openr1_mega.config import validate
 from openr1_mega.config.schema import Config
 
 T = TypeVar("T")
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), cls: type[T] = Config) -> T:
-    """Read a YAML recipe, apply `a.b=value` overrides, and build `cls` strictly."""
+def load_config(path: str | Path, overrides: Iterable[str] = (), cls: type[T] = Config, *,
+                world_size: int | None = None, on_cuda: bool | None = None) -> T:
+    """Read a YAML recipe, apply `a.b=value` overrides, build `cls` strictly, validate it.
+
+    Args:
+        path: the YAML recipe.
+        overrides: `dotted.key=value` strings.
+        cls: the recipe dataclass.
+        world_size: ranks the recipe must fit; None: $WORLD_SIZE, else 1.
+        on_cuda: whether the job runs on GPUs; None: whether this machine has one.
+    """
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return from_dict(cls, apply_overrides(data, overrides))
+    recipe = from_dict(cls, apply_overrides(data, overrides))
+    if hasattr(recipe, "parallel"):
+        world = validate.world_size_from_env() if world_size is None else world_size
+        validate.validate_recipe(recipe, world, validate.recipe_arch(recipe, path),
+                                 on_cuda=on_cuda)
+    return recipe
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:

@@ -80,14 +80,29 @@ class ParallelConfig:
     """Context-parallel size (sequence split across ranks; needs Transformer Engine)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in TP regions (needs tp > 1)."""
+    pp_first_stage_layers: int | None = None
+    """Layers on the first pipeline stage (Megatron's num_layers_in_first_pipeline_stage);
+    None: an even share. The embedding lives there too, so it often takes fewer."""
+    pp_last_stage_layers: int | None = None
+    """Layers on the last pipeline stage (num_layers_in_last_pipeline_stage); None: an even
+    share. The middle stages split the remaining layers evenly."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "cp"):
             _check_positive("parallel", name, getattr(self, name))
-        if self.etp is not None:
-            _check_positive("parallel", "etp", self.etp)
+        for name in ("etp", "pp_first_stage_layers", "pp_last_stage_layers"):
+            if getattr(self, name) is not None:
+                _check_positive("parallel", name, getattr(self, name))
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tp > 1")
+        if self.pp == 1 and self.uneven_pipeline:
+            raise ValueError("parallel.pp_first_stage_layers / parallel.pp_last_stage_layers "
+                             "need parallel.pp > 1")
+
+    @property
+    def uneven_pipeline(self) -> bool:
+        """Whether the first or last pipeline stage has a layer count of its own."""
+        return self.pp_first_stage_layers is not None or self.pp_last_stage_layers is not None
 
     @property
     def expert_tp(self) -> int:
@@ -102,12 +117,14 @@ class ParallelConfig:
         """DP size for `world_size` ranks; raises if the layout does not divide the world."""
         mp = self.model_parallel_size()
         if world_size % mp:
-            raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp={mp}")
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tp*pp*cp="
+                             f"{self.tp}*{self.pp}*{self.cp}={mp}")
         dp = world_size // mp
         if (dp * self.cp * self.tp) % (self.ep * self.expert_tp):
             raise ValueError(
-                f"parallel.ep*etp={self.ep * self.expert_tp} must divide dp*cp*tp="
-                f"{dp * self.cp * self.tp} (world size {world_size})")
+                f"parallel.ep*etp={self.ep}*{self.expert_tp}={self.ep * self.expert_tp} must "
+                f"divide world size / parallel.pp = {world_size // self.pp} (Megatron's expert "
+                f"groups; world size {world_size})")
         return dp
 
 

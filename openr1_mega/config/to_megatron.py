@@ -93,6 +93,9 @@ def _layout(parallel: ParallelConfig) -> dict:
         expert_tensor_parallel_size=parallel.expert_tp,
         context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel,
+        # uneven pipeline stages; Megatron derives every layer offset from these two
+        num_layers_in_first_pipeline_stage=parallel.pp_first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.pp_last_stage_layers,
     )
 
 

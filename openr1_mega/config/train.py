@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""The loss aggregations rl/losses.py implements (it imports this tuple: one source)."""
+
 
 @dataclass
 class OptimConfig:
@@ -122,8 +125,6 @@ class GrpoConfig:
     """Sampling temperature of the held-out pass@1 (open-r1 / lighteval use 0.6)."""
 
     def __post_init__(self) -> None:
-        from openr1_mega.rl.losses import LOSS_TYPES
-
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"grpo.loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
         if self.advantage_scale not in ("group", "batch", "none"):

@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from transformers import PretrainedConfig
 
+from openr1_mega.config.layout import check_layout
 from openr1_mega.config.schema import ArchConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from openr1_mega.config.to_megatron import transformer_config
 from openr1_mega.models.archs import arch_config
@@ -93,25 +94,9 @@ def unwrap(model: torch.nn.Module) -> GPTModel:
 
 
 def validate_layout(arch: ArchConfig, parallel: ParallelConfig) -> None:
-    """Raise ValueError naming the field when `parallel` cannot split `arch`."""
-    tp, etp = parallel.tp, parallel.expert_tp
-    checks = [
-        ("arch.num_attention_heads", arch.num_attention_heads, "parallel.tp", tp),
-        ("arch.num_kv_heads", arch.num_kv_heads, "parallel.tp", tp),
-        ("arch.ffn_hidden_size", arch.ffn_hidden_size, "parallel.tp", tp),
-        ("arch.num_layers", arch.num_layers, "parallel.pp", parallel.pp),
-    ]
-    if arch.moe:
-        checks += [("moe.num_experts", arch.moe.num_experts, "parallel.ep", parallel.ep),
-                   ("moe.ffn_hidden_size", arch.moe.ffn_hidden_size, "parallel.etp", etp)]
-        if arch.moe.shared_expert_ffn_hidden_size:
-            checks.append(("moe.shared_expert_ffn_hidden_size",
-                           arch.moe.shared_expert_ffn_hidden_size, "parallel.tp", tp))
-    elif parallel.ep > 1:
-        raise ValueError(f"parallel.ep={parallel.ep} needs a MoE model ({arch.arch} is dense)")
-    for name, value, by_name, by in checks:
-        if value % by:
-            raise ValueError(f"{name}={value} is not divisible by {by_name}={by}")
+    """Raise ValueError naming the field when `parallel` cannot split `arch` (uneven
+    pipeline stages included, see config.layout), or when this machine cannot run it."""
+    check_layout(arch, parallel)
     if parallel.cp > 1 and resolve_backend("auto") != "te":
         raise ValueError("parallel.cp > 1 needs Transformer Engine on a GPU")
 

@@ -38,6 +38,7 @@ from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConf
 from openr1_mega.config.train import DataConfig, GrpoConfig, OptimConfig, RolloutConfig, RunConfig
 from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
+from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.models.hidden import forward_hidden
@@ -69,6 +70,8 @@ class GrpoRecipe:
 def main(argv: list[str] | None = None) -> dict:
     """Run GRPO from a recipe; returns the final metrics (every rank holds the same)."""
     args = _parse_args(argv)
+    if args.dry_run:  # validate + print the plan; no process group, no model
+        return dry_run.main(args.recipe, args.overrides, GrpoRecipe, args.world_size)
     recipe = load_config(args.recipe, args.overrides, GrpoRecipe)
     g, r = recipe.grpo, recipe.rollout
     ctx = policy_lib.setup(recipe)
@@ -248,6 +251,12 @@ def _parse_args(argv):
     parser.add_argument("--recipe", required=True, help="YAML recipe (examples/recipes/...)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the recipe's layout, print per-rank parameters and "
+                             "the plan, build nothing")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: ranks to plan for (default $WORLD_SIZE, else "
+                             "the smallest world the layout fits)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
     return parser.parse_args(argv)
 

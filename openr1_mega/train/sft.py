@@ -35,6 +35,7 @@ from openr1_mega.config.train import OptimConfig, RunConfig, SftConfig
 from openr1_mega.data.chat import encode_conversation, prompt_messages
 from openr1_mega.data.packing import Packed, pack_examples, pad_examples
 from openr1_mega.data.prompts import load_rows
+from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.train.logprobs import hidden_to_logprobs
@@ -63,6 +64,8 @@ class SftRecipe:
 def main(argv: list[str] | None = None) -> dict:
     """Run SFT from a recipe; returns the final metrics."""
     args = _parse_args(argv)
+    if args.dry_run:  # validate + print the plan; no process group, no model
+        return dry_run.main(args.recipe, args.overrides, SftRecipe, args.world_size)
     recipe = load_config(args.recipe, args.overrides, SftRecipe)
     s = recipe.sft
     ctx = policy_lib.setup(recipe)
@@ -211,6 +214,12 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the recipe's layout, print per-rank parameters and "
+                             "the plan, build nothing")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: ranks to plan for (default $WORLD_SIZE, else "
+                             "the smallest world the layout fits)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
     return parser.parse_args(argv)
 
