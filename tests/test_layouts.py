@@ -34,6 +34,7 @@ LAYOUTS = {  # name: (architecture, ranks, parallel section)
     "dense_tp2_sp": ("qwen2", 2, {"tp": 2, "sequence_parallel": True}),
     "dense_pp2": ("qwen2", 2, {"pp": 2}),
     "dense_tp2_pp2": ("qwen2", 4, {"tp": 2, "pp": 2, "sequence_parallel": True}),
+    "dense_pp2_uneven": ("qwen2", 2, {"pp": 2, "pp_first_stage_layers": 1}),
     "moe_ep2": ("qwen3_moe", 2, {"ep": 2}),
     "moe_ep2_tp2_sp": ("qwen3_moe", 4, {"ep": 2, "tp": 2, "sequence_parallel": True}),
     "moe_ep2_pp2": ("qwen3_moe", 4, {"ep": 2, "pp": 2}),

@@ -187,11 +187,16 @@ def build_optimizer(model: DistributedDataParallel, optim: OptimConfig):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = model.config
-    return get_megatron_optimizer(OptimizerConfig(
+    optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16,
         params_dtype=config.params_dtype, use_distributed_optimizer=True), [model])
+    # Megatron marks biases and norms wd_mult=0, but only its OptimizerParamScheduler applies
+    # the multiplier; we set the LR ourselves (train_step), so apply it here, once.
+    for group in optimizer.param_groups:
+        group["weight_decay"] = optim.weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
 
 
 def scaled_loss(loss: torch.Tensor, num_microbatches: int) -> torch.Tensor:
