@@ -46,13 +46,12 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from openr1_mega.config.schema import ArchConfig
+from openr1_mega.models.archs import arch_config
+from openr1_mega.utils.flops import forward_flops, train_step_flops
+from openr1_mega.utils.peak import GPU_SPECS, GpuSpec
 
-from openr1_mega.config.schema import ArchConfig  # noqa: E402
-from openr1_mega.models.archs import arch_config  # noqa: E402
-from openr1_mega.utils.flops import forward_flops, train_step_flops  # noqa: E402
-from openr1_mega.utils.peak import GPU_SPECS, GpuSpec  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GIB = 2**30
 OVERHEAD_GIB = 3.0
@@ -98,11 +97,14 @@ class Workload:
 
 @dataclass
 class Plan:
+    """The planner's answer: memory terms (GiB) of the worst stage, times (s), verdict."""
+
     gpu: str
     gpus: int
     memory: dict[str, float] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
     capacity_gib: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def peak_gib(self) -> float:
@@ -116,21 +118,18 @@ class Plan:
 
 def stage_layers(num_layers: int, lay: Layout) -> list[int]:
     """Decoder layers per pipeline stage (Megatron's split with optional first/last counts)."""
-    first, last = lay.pp_first_stage_layers, lay.pp_last_stage_layers
     if lay.pp == 1:
         return [num_layers]
-    fixed = [n for n in (first, last) if n is not None]
-    middle = lay.pp - len(fixed)
-    rest = num_layers - sum(fixed)
-    if middle == 0 or rest % middle:
-        if middle == 0 and rest == 0:
-            return [first, last]
+    first, last = lay.pp_first_stage_layers, lay.pp_last_stage_layers
+    middle = lay.pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if rest < 0 or (rest % middle if middle else rest):
         raise ValueError(f"{num_layers} layers do not split evenly over parallel.pp={lay.pp} "
                          f"stages (parallel.pp_first_stage_layers={first}, "
                          f"parallel.pp_last_stage_layers={last})")
-    even = rest // middle
-    return [first if first is not None else even] + [even] * (lay.pp - 2) + [
-        last if last is not None else even]
+    even = rest // middle if middle else 0
+    return ([even if first is None else first] + [even] * (lay.pp - 2)
+            + [even if last is None else last])
 
 
 def layer_params(arch: ArchConfig, layer: int) -> tuple[float, float]:
@@ -198,9 +197,10 @@ def training_memory(arch: ArchConfig, lay: Layout, work: Workload, gpus: int) ->
         layers = range(start, start + counts[stage])
         per_mb = tokens_mb * sum(activation_bytes_per_token(arch, lay, i, work.fp8)
                                  for i in layers)
-        if work.recompute == "full":
+        working = 0.0
+        if work.recompute == "full":   # keep layer inputs; one layer is rebuilt at a time
             hs = arch.hidden_size / (lay.tp if lay.sequence_parallel else 1)
-            per_mb = tokens_mb * 2 * hs * len(layers) + per_mb / max(1, len(layers))
+            per_mb, working = tokens_mb * 2 * hs * len(layers), per_mb / max(1, len(layers))
         interleave = 1 + (lay.pp - 1) / (lay.pp * lay.vp) if lay.vp > 1 else 1.0
         in_flight = min(lay.pp - stage, n_micro) * interleave
         last = stage == lay.pp - 1
@@ -208,7 +208,7 @@ def training_memory(arch: ArchConfig, lay: Layout, work: Workload, gpus: int) ->
             tokens_mb * arch.padded_vocab_size(lay.tp) / lay.tp * 6)
         terms = dict(weights=params * (2 + 2 * work.fp8), gradients=params * 4,
                      optimizer=12 * (dense / (dp * lay.cp) + expert / edp),
-                     activations=per_mb * in_flight, logits=logits,
+                     activations=per_mb * in_flight + working, logits=logits,
                      overhead=OVERHEAD_GIB * GIB)
         terms["total"] = sum(terms.values())
         if not worst or terms["total"] > worst["total"]:
@@ -216,15 +216,15 @@ def training_memory(arch: ArchConfig, lay: Layout, work: Workload, gpus: int) ->
     return worst
 
 
-def total_params(arch: ArchConfig) -> tuple[float, float]:
-    """(all, active per token) parameters, embedding and head included (vLLM's weights)."""
+def total_params(arch: ArchConfig) -> tuple[float, float, float]:
+    """(all, active per token, non-expert) parameters with embedding and head (vLLM's)."""
     dense = expert = 0.0
     for layer in range(arch.num_layers):
         d, e = layer_params(arch, layer)
         dense, expert = dense + d, expert + e
     dense += arch.vocab_size * arch.hidden_size * (2 - arch.tie_word_embeddings)
     active = expert * arch.moe.topk / arch.moe.num_experts if arch.moe else 0.0
-    return dense + expert, dense + active
+    return dense + expert, dense + active, dense
 
 
 def kv_bytes_per_token(arch: ArchConfig) -> float:
@@ -237,9 +237,11 @@ def rollout_plan(arch: ArchConfig, lay: Layout, work: Workload, spec: GpuSpec,
     """vLLM memory per GPU and decode time of one step's rollouts (see module doc)."""
     roll = work.rollout
     reserved = roll["gpu_memory_utilization"] * spec.memory_gib * GIB
-    n_all, n_active = total_params(arch)
+    n_all, n_active, n_dense = total_params(arch)
     weights = 2 * n_all / lay.gen_tp
-    kv_free = reserved - weights
+    one_sequence = (roll["prompt_tokens"] + roll["max_new_tokens"]) * kv_bytes_per_token(
+        arch) / lay.gen_tp
+    kv_free = max(reserved - weights, one_sequence)
     prompt, max_new = roll["prompt_tokens"], roll["max_new_tokens"]
     mean_new = max(1.0, work.mean_seq_len - prompt)
     engines = gpus // lay.gen_tp
@@ -248,21 +250,16 @@ def rollout_plan(arch: ArchConfig, lay: Layout, work: Workload, spec: GpuSpec,
     batch = max(1.0, min(per_engine, MAX_NUM_SEQS, kv_tokens / work.mean_seq_len))
     iterations = max(per_engine * mean_new / batch, max_new)
     touched = (1 - (1 - arch.moe.topk / arch.moe.num_experts) ** batch) if arch.moe else 1.0
-    expert_share = (n_all - _dense_params(arch)) / n_all if arch.moe else 0.0
+    expert_share = (n_all - n_dense) / n_all
     read = weights * (1 - expert_share + expert_share * touched)
     read += batch * (prompt + mean_new / 2) * kv_bytes_per_token(arch) / lay.gen_tp
     mem_s = read / (spec.hbm_tb_s * 1e12 * DECODE_BW_EFF)
     flop_s = 2 * n_active * batch / lay.gen_tp / (spec.bf16_tflops * 1e12 * DECODE_MFU)
     prefill = 2 * n_active * work.sequences * prompt / gpus / (spec.bf16_tflops * 1e12 * 0.4)
-    one_sequence = (prompt + max_new) * kv_bytes_per_token(arch) / lay.gen_tp
-    return dict(vllm_reserved=max(reserved, weights + one_sequence), vllm_weights=weights,
+    return dict(vllm_reserved=max(reserved, weights + one_sequence), reserved=reserved,
+                vllm_weights=weights,
                 kv_free=kv_free, batch=batch,
                 rollout_s=iterations * max(mem_s, flop_s) + prefill)
-
-
-def _dense_params(arch: ArchConfig) -> float:
-    return sum(layer_params(arch, i)[0] for i in range(arch.num_layers)) + (
-        arch.vocab_size * arch.hidden_size * (2 - arch.tie_word_embeddings))
 
 
 def plan(arch: ArchConfig, lay: Layout, work: Workload, gpu: str, gpus: int) -> Plan:
@@ -288,6 +285,12 @@ def plan(arch: ArchConfig, lay: Layout, work: Workload, gpu: str, gpus: int) -> 
                              vllm_weights_gib=roll["vllm_weights"] / GIB,
                              kv_cache_gib=roll["kv_free"] / GIB, rollout_batch=roll["batch"])
         result.times["rollout_s"] = roll["rollout_s"]
+        if roll["vllm_reserved"] > roll["reserved"]:
+            result.notes.append(
+                f"vLLM needs {roll['vllm_reserved'] / GIB:.1f} GiB/GPU (weights/TP + one longest "
+                f"sequence's KV) > gpu_memory_utilization x memory = {roll['reserved'] / GIB:.1f}"
+                " GiB: raise rollout.gpu_memory_utilization or the rollout TP (the time assumes "
+                "room for one sequence at a time)")
         together = work.rollout.get("colocation", "resident") == "resident"
         peak = peak_train + roll["vllm_reserved"] if together else max(peak_train,
                                                                        roll["vllm_reserved"])
@@ -362,7 +365,7 @@ def validate(path: Path = VALIDATION) -> list[dict]:
                       run["gpus"])
         row = dict(run=run["name"], source=run["source"], gpu=run["gpu"], gpus=run["gpus"],
                    memory_gib=round(result.peak_gib, 1), capacity_gib=result.capacity_gib,
-                   verdict=result.verdict,
+                   verdict=result.verdict, notes=result.notes,
                    memory_terms={k: round(v, 2) for k, v in result.memory.items()},
                    times_s={k: round(v, 1) for k, v in result.times.items()})
         for key, est in (("tokens_per_s_per_gpu", result.times["tokens_per_s_per_gpu"]),
@@ -382,6 +385,8 @@ def _print_plan(result: Plan) -> None:
         if key not in ("stage", "peak"):
             print(f"  {key:<18} {value:10.2f}")
     print(f"  {'peak per GPU':<18} {result.peak_gib:10.2f} GiB -> {result.verdict}")
+    for note in result.notes:
+        print(f"  note: {note}")
     for key, value in result.times.items():
         print(f"  {key:<22} {value:10.1f}")
 
@@ -433,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_plan(result)
         out = dict(recipe=str(args.recipe), gpus=args.gpus, gpu=args.gpu,
                    rollout_tp=lay.gen_tp, colocation=args.colocation,
-                   verdict=result.verdict, memory_gib=result.memory, times_s=result.times)
+                   verdict=result.verdict, notes=result.notes, memory_gib=result.memory,
+                   times_s=result.times)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 GIB = 2**30
 
@@ -95,7 +96,7 @@ class GpuTelemetry:
         with self._lock:
             self._window.append(readings)
 
-    def start(self) -> GpuTelemetry:
+    def start(self) -> Self:
         """Start the background thread (once; a no-op without GPUs)."""
         if self.enabled and self._thread is None:
             self._stop.clear()
@@ -125,7 +126,7 @@ class GpuTelemetry:
             self.sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> GpuTelemetry:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
