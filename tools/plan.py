@@ -1,6 +1,7 @@
 """Will a recipe fit its cluster, and how long will a step take? An analytic planner.
 
     python tools/plan.py --recipe examples/recipes/qwen2.5_72b/grpo.yaml --gpus 32 [--gpu h100]
+        [--rollout-tp 8] [--colocation sleep] [--fused-logprob] [--json out.json]
     python tools/plan.py --validate [--json bench/results/plan_validation.json]
 
 Memory per GPU (GiB = 2^30 bytes), on the pipeline stage that needs the most:
@@ -33,6 +34,9 @@ MFU. Rollout = decode iterations x max(bytes read per GPU / (HBM x 0.7), FLOPs /
 each iteration reads the weights (for MoE, the experts a batch of B tokens touches: E(1 - (1 -
 k/E)^B)) and every live sequence's KV cache; B is the batch the KV cache holds (at most 256,
 vLLM's max_num_seqs); iterations = max(generated tokens / B, longest completion).
+Not modelled, so the time is an optimistic bound (the validation shows by how much): weight
+sync, engine sleep/wake and optimizer offload, TP/EP/PP communication, vLLM host overhead per
+iteration, MoE kernels below bandwidth at small batches, load imbalance across engines.
 """
 
 from __future__ import annotations
@@ -417,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--colocation", choices=("resident", "sleep"), default="resident",
                     help="resident: engine and trainer hold memory at once (this stack "
                     "today); sleep: the engine sleeps while the trainer runs")
+    ap.add_argument("--fused-logprob", action="store_true",
+                    help="the log-prob never materialises the logits (ops.fused_linear)")
     ap.add_argument("--validate", action="store_true", help="plan the published runs")
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = ap.parse_args(argv)
@@ -432,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--recipe and --gpus are required (or --validate)")
         arch, lay, work = recipe_plan_inputs(args.recipe, args.mean_completion_frac)
         lay.gen_tp = args.rollout_tp or lay.gen_tp
+        work.fused_logprob = args.fused_logprob
         if work.rollout:
             work.rollout["colocation"] = args.colocation
         result = plan(arch, lay, work, args.gpu, args.gpus)
