@@ -129,3 +129,17 @@ def test_measured_peak_on_this_cpu():
     assert measure_matmul_tflops(torch.float32, size=256, repeats=2) > 0
     peak = machine_peak("fp32", device="cpu")
     assert peak.tflops > 0 and peak.source.startswith("measured cpu fp32")
+
+
+def test_llama3_70b_flops_per_token_equal_megatron_bridge_published():
+    """Megatron-Bridge publishes Llama3-70B at seq 8192 on H100: 719 model TFLOP/s/GPU at
+    1,602 tokens/s/GPU, i.e. 4.488e11 FLOPs per token. Ours agree within the rounding of
+    those two published figures (0.1%)."""
+    import yaml
+
+    from openr1_mega.config.schema import ArchConfig
+
+    runs = yaml.safe_load((RECIPES.parents[1] / "tools" / "plan_validation.yaml").read_text())
+    llama = ArchConfig(**next(r for r in runs["runs"] if "Llama3-70B" in r["name"])["hf_config"])
+    ours = train_step_flops(llama, [8192]) / 8192
+    assert ours == pytest.approx(719e12 / 1602, rel=2e-3)
