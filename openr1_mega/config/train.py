@@ -56,11 +56,15 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 512
     """Prompts longer than this are skipped at load time (and counted)."""
+    on_bad_row: str = "skip"
+    """skip: drop malformed rows, log their count once per file; error: stop at the first,
+    naming file, row and field (see data/prompts.py for what makes a row bad)."""
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_eval", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 1")
+        _check_on_bad_row("data", self.on_bad_row)
 
 
 @dataclass
@@ -151,10 +155,15 @@ class RunConfig:
     export_hf: bool = True
     """Write an HF-layout export (safetensors + config + tokenizer) at the end."""
     log_every: int = 1
+    max_bad_steps: int = 3
+    """Stop after more than this many optimizer steps in a row were skipped for a
+    non-finite loss or grad norm (train/guard.py); 0 stops at the first."""
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.log_every < 1:
             raise ValueError("run.save_every must be >= 0 and run.log_every >= 1")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"run.max_bad_steps={self.max_bad_steps}: must be >= 0")
 
 
 @dataclass
@@ -180,10 +189,18 @@ class SftConfig:
     eval_every: int = 0
     """Eval loss every N steps; 0: only at the end."""
     system_prompt: str | None = None
+    on_bad_row: str = "skip"
+    """skip or error, as `data.on_bad_row` (a row's `messages_field` must be a conversation)."""
 
     def __post_init__(self) -> None:
+        _check_on_bad_row("sft", self.on_bad_row)
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"sft.eval_fraction={self.eval_fraction}: must be in [0, 1)")
         if self.seq_length < 2 or self.rows_per_step < 1 or self.epochs <= 0:
             raise ValueError("sft.seq_length must be >= 2, sft.rows_per_step >= 1, "
                              "sft.epochs > 0")
+
+
+def _check_on_bad_row(section: str, value: str) -> None:
+    if value not in ("skip", "error"):
+        raise ValueError(f"{section}.on_bad_row={value!r}: expected skip or error")

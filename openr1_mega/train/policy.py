@@ -76,11 +76,12 @@ def prompt_rows(recipe, tokenizer) -> PromptRows:
     """Train and held-out prompts, tokenised with the chat template."""
     data, seed = recipe.data, recipe.run.seed
     fields = (data.problem_field, data.answer_field)
-    train = load_rows(data.source, "train", data.num_train, seed, required=fields)
+    checks = {"required": fields, "on_bad_row": data.on_bad_row}
+    train = load_rows(data.source, "train", data.num_train, seed, **checks)
     if data.eval_source is not None:
-        held_out = load_rows(data.eval_source, "test", data.num_eval, seed, required=fields)
+        held_out = load_rows(data.eval_source, "test", data.num_eval, seed, **checks)
     elif data.source.startswith("task:"):
-        held_out = load_rows(data.source, "test", data.num_eval, seed, required=fields)
+        held_out = load_rows(data.source, "test", data.num_eval, seed, **checks)
     else:
         held_out = []
     train, _ = tokenize_prompts(train, tokenizer, data.problem_field, data.system_prompt,

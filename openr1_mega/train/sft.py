@@ -100,10 +100,12 @@ def sft_rows(recipe, tokenizer) -> tuple[list[Packed], list[Packed]]:
 def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
     """`messages` per row; a built-in task becomes (problem -> solver trace) conversations."""
     if s.source.startswith("task:"):
-        rows = load_rows(s.source, "train", s.num_train, seed, required=("problem", "solution"))
+        rows = load_rows(s.source, "train", s.num_train, seed, required=("problem", "solution"),
+                         on_bad_row=s.on_bad_row)
         return [prompt_messages(r["problem"], s.system_prompt)
                 + [{"role": "assistant", "content": r["solution"]}] for r in rows]
-    rows = load_rows(s.source, "train", None, seed, required=(s.messages_field,))
+    rows = load_rows(s.source, "train", None, seed, required=(),
+                     conversation_fields=(s.messages_field,), on_bad_row=s.on_bad_row)
     return [list(r[s.messages_field]) for r in rows]
 
 
