@@ -148,3 +148,106 @@ def test_malformed_json_file_names_the_file(tmp_path):
     path.write_text('[{"id": 1},')
     with pytest.raises(ValueError, match=rf"{path}: not a UTF-8 JSON document"):
         read_rows(path)
+
+
+# ---- files: model directories, safetensors, tokenizers ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from openr1_mega.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen3")
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_model_dir_is_named(tmp_path):
+    from openr1_mega.checkpoint.model_dir import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match=rf"model directory {tmp_path}/nope does not"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_model_dir_without_config_is_named(tiny_dir, tmp_path):
+    from openr1_mega.checkpoint.model_dir import check_model_dir
+
+    model = _copy(tiny_dir, tmp_path / "m")
+    (model / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{model}/config.json is missing"):
+        check_model_dir(model)
+
+
+def _sharded(tiny_dir, out):
+    """The tiny model re-written as several shards with an index."""
+    from openr1_mega.checkpoint.safetensors_io import HFReader, HFWriter, copy_hf_assets
+
+    reader = HFReader(tiny_dir)
+    names = reader.names()
+    writer = HFWriter(out, [(n, reader.shape(n), reader.dtype(n)) for n in names],
+                      max_shard_bytes=200_000)
+    for n in names:
+        writer.add(n, reader.get(n))
+    writer.close()
+    copy_hf_assets(tiny_dir, out)
+    return out
+
+
+def test_missing_shard_is_named(tiny_dir, tmp_path):
+    from openr1_mega.checkpoint.model_dir import check_model_dir
+    from openr1_mega.checkpoint.safetensors_io import HFReader
+
+    model = _sharded(tiny_dir, tmp_path / "sharded")
+    shards = sorted(model.glob("model-*.safetensors"))
+    assert len(shards) > 2 and check_model_dir(model)["vocab_size"] > 0
+    shards[1].unlink()
+    for load in (check_model_dir, HFReader):
+        with pytest.raises(FileNotFoundError, match=rf"index.json names shard\(s\) that are "
+                                                    rf"absent: \['{shards[1].name}'\]"):
+            load(model)
+
+
+@pytest.mark.parametrize("keep", [4, 100, -1000])
+def test_truncated_safetensors_is_named(tiny_dir, tmp_path, keep):
+    from openr1_mega.checkpoint.model_dir import check_model_dir
+
+    model = _copy(tiny_dir, tmp_path / "m")
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match=rf"{weights}: truncated safetensors file"):
+        check_model_dir(model)
+
+
+def test_tokenizer_larger_than_the_vocab_is_named(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from openr1_mega.checkpoint.model_dir import load_tokenizer
+
+    model = _copy(tiny_dir, tmp_path / "m")
+    assert len(load_tokenizer(model)) == json.loads((model / "config.json").read_text())[
+        "vocab_size"]
+    other = AutoTokenizer.from_pretrained(model)
+    other.add_tokens([f"<extra_{i}>" for i in range(7)])
+    other.save_pretrained(model)
+    with pytest.raises(ValueError, match=r"tokenizer.json: the tokenizer has \d+ tokens but "
+                                         r"config.json gives vocab_size=\d+"):
+        load_tokenizer(model)
+
+
+def test_policy_setup_names_a_missing_model_before_any_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from openr1_mega.config.schema import ModelConfig
+    from openr1_mega.train import policy
+    from openr1_mega.train.grpo import GrpoRecipe
+
+    recipe = GrpoRecipe(model=ModelConfig(path=str(tmp_path / "missing-model")))
+    with pytest.raises(FileNotFoundError, match="missing-model does not exist"):
+        policy.setup(recipe)
+    assert not dist.is_initialized()

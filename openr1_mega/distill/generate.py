@@ -143,16 +143,16 @@ def generate_chunk(engine: Any, tokenizer: Any, config: GenerateConfig,
 
 def start_teacher(config: GenerateConfig) -> tuple[Any, Any]:
     """The teacher's in-process vLLM engine and its tokenizer."""
-    from transformers import AutoTokenizer
-
+    from openr1_mega.checkpoint.model_dir import load_tokenizer
     from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 
+    tokenizer = load_tokenizer(config.teacher)  # names a missing or broken file before vLLM
     e = config.engine
     engine = RolloutEngine(config.teacher, EngineConfig(
         dtype=e.dtype, kv_cache_bytes=e.kv_cache_bytes,
         gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
         seed=config.seed, sleep_between_rollouts=False))
-    return engine, AutoTokenizer.from_pretrained(config.teacher)
+    return engine, tokenizer
 
 
 def generate_traces(config: GenerateConfig,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
+from openr1_mega.checkpoint.model_dir import load_tokenizer
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
 from openr1_mega.parallel.init import initialize
@@ -46,11 +47,9 @@ class PromptRows:
 
 def setup(recipe) -> Context:
     """Process groups, tokenizer, the policy (HF weights loaded), DDP and optimizer."""
-    from transformers import AutoTokenizer
-
-    initialize(recipe.parallel, seed=recipe.run.seed)
     model_dir = Path(recipe.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # checks the directory first: fails before any group
+    initialize(recipe.parallel, seed=recipe.run.seed)
     model = _initial_policy(recipe)
     ddp = wrap_ddp(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
