@@ -118,6 +118,9 @@ class GrpoConfig:
     """Reward name -> weight (names from rl.rewards.get_reward)."""
     reward_params: dict[str, dict] = field(default_factory=dict)
     """Reward name -> options passed to get_reward."""
+    reward_timeout: float = 600.0
+    """Seconds one reward may take on one step's batch; past it that reward gives None for
+    the batch and the step goes on (rl/rewards/combine.py)."""
     eval_every: int = 0
     """Evaluate held-out accuracy every N steps from the live engine; 0: only at the end."""
     eval_samples: int = 4
@@ -139,6 +142,8 @@ class GrpoConfig:
                 raise ValueError(f"grpo.{name}={getattr(self, name)}: must be >= 1")
         if not self.rewards:
             raise ValueError("grpo.rewards is empty: name at least one reward")
+        if not self.reward_timeout > 0:
+            raise ValueError(f"grpo.reward_timeout={self.reward_timeout}: must be > 0")
         unknown = sorted(set(self.reward_params) - set(self.rewards))
         if unknown:
             raise ValueError(f"grpo.reward_params names rewards not in grpo.rewards: {unknown}")

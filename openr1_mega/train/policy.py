@@ -108,7 +108,8 @@ def items_for_step(rows: list, step: int, count: int, seed: int) -> list:
 def reward_set(grpo):
     from openr1_mega.rl.rewards import RewardSet
 
-    return RewardSet.from_spec(grpo.rewards, params=grpo.reward_params)
+    return RewardSet.from_spec(grpo.rewards, params=grpo.reward_params,
+                               timeout=grpo.reward_timeout)
 
 
 def start_engine(ctx: Context, recipe) -> RolloutEngine:
