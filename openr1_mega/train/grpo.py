@@ -36,6 +36,7 @@ from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train.evaluate import accuracy_on
+from openr1_mega.train.guard import BadStepGuard, completion_ids
 from openr1_mega.train.logprobs import logits_to_logprobs
 from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
 from openr1_mega.utils.logging import MetricsLogger
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ctx.is_rank0:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
+    guard = BadStepGuard(recipe.run.max_bad_steps, recipe.run.output_dir)
     if start == 0 and rows.eval:  # the starting policy's held-out accuracy, as step 0
         logger.log(0, accuracy_on(ctx, engine, rows.eval, r, recipe))
     for step in tqdm(range(start, g.steps), desc="grpo", disable=not ctx.is_rank0,
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  ref or [None] * len(batches))),
                 _grpo_forward(ctx, g, r, denominator, batches),
                 seq_length=max(b.input_ids.shape[1] for b in batches), lr=lr)
+            guard.check(step, step_metrics, completion_ids(prompts, completions))
         timer["train"] = time.perf_counter()
 
         sync = policy_lib.sync_engine(ctx, engine)

@@ -33,6 +33,7 @@ from openr1_mega.data.chat import encode_conversation, prompt_messages
 from openr1_mega.data.packing import Packed, pack_examples, pad_examples
 from openr1_mega.data.prompts import load_rows
 from openr1_mega.train import policy as policy_lib
+from openr1_mega.train.guard import BadStepGuard
 from openr1_mega.train.logprobs import logits_to_logprobs
 from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
 from openr1_mega.utils.logging import MetricsLogger
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ctx.is_rank0:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
+    guard = BadStepGuard(recipe.run.max_bad_steps, recipe.run.output_dir)
     for step in tqdm(range(start, steps), desc="sft", disable=not ctx.is_rank0, initial=start,
                      total=steps):
         rows = policy_lib.items_for_step(train_rows, step, s.rows_per_step, recipe.run.seed)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         last = train_step(ctx.ddp, ctx.optimizer, mine, sft_forward(ctx, denominator, len(mine)),
                           seq_length=max(r.input_ids.shape[-1] for r in mine),
                           lr=cosine_lr(step, steps, recipe.optim))
+        guard.check(step, last)
         last["tokens"] = denominator
         if eval_rows and (s.eval_every and (step + 1) % s.eval_every == 0 or step + 1 == steps):
             last["eval/loss"] = eval_loss(ctx, eval_rows)

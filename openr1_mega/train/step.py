@@ -36,6 +36,7 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from openr1_mega.config.train import OptimConfig
 from openr1_mega.parallel.cpu_device import cuda_as_cpu
+from openr1_mega.train.guard import step_if_finite
 
 
 def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
@@ -81,6 +82,8 @@ class CpuAdamW:
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype)
         norm = global_grad_norm(self.params)
+        if not math.isfinite(norm):  # never let NaN/inf reach the weights (train/guard.py)
+            return False, norm, None
         if self.optim.clip_grad and norm > self.optim.clip_grad:
             for p in self.params:
                 p.grad.mul_(self.optim.clip_grad / (norm + 1e-6))
@@ -166,6 +169,8 @@ def train_step(model: DistributedDataParallel, optimizer, micro_batches: list,
 
     `forward_step(batch, model) -> (output, loss_func)` is Megatron's forward-step
     contract; its loss_func returns (scaled_loss(...), metrics dict of 0-d tensors).
+    A non-finite loss or gradient on any rank skips the optimizer step on every rank
+    (`update_skipped` = 1.0; see train/guard.py).
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -177,8 +182,8 @@ def train_step(model: DistributedDataParallel, optimizer, micro_batches: list,
             data_iterator=iter(micro_batches), model=[model],
             num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=1,
             forward_only=False)
-    _, grad_norm, _ = optimizer.step()
-    metrics = {"grad_norm": float(grad_norm), "lr": lr}
+    grad_norm, skipped = step_if_finite(optimizer, model.parameters(), reduced or ())
+    metrics = {"grad_norm": grad_norm, "lr": lr, "update_skipped": float(skipped)}
     for key in (reduced[0] if reduced else {}):
         metrics[key] = float(sum(r[key] for r in reduced))
     return metrics
