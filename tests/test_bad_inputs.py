@@ -443,3 +443,51 @@ def test_max_bad_steps_is_a_recipe_field():
     assert from_dict(RunConfig, {"max_bad_steps": 0}).max_bad_steps == 0
     with pytest.raises(ValueError, match=r"run.max_bad_steps=-1"):
         from_dict(RunConfig, {"max_bad_steps": -1})
+
+
+# ---- problems that do not fit the teacher's context ------------------------------------
+
+
+def test_eval_lists_every_problem_that_does_not_fit():
+    from openr1_mega.eval.run import clamp_max_tokens
+
+    prompts = [[1] * 5, [1] * 12, [1] * 3, [1] * 10, [1] * 20]
+    with pytest.raises(ValueError) as err:
+        clamp_max_tokens(100, 10, prompts, ["a", "b", "c", "d", "e"])
+    assert "3 of 5 problem(s) have a prompt that does not fit max_model_len=10" in str(err.value)
+    assert "'b' (12 tokens), 'd' (10 tokens), 'e' (20 tokens)" in str(err.value)
+    assert clamp_max_tokens(100, 10, prompts[:1] + prompts[2:3], ["a", "c"]) == 5
+
+
+@pytest.mark.slow
+def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    problems = [{"id": f"q{i}", "problem": ("long " * 400 if i in (1, 4) else f"{i}+{i}?"),
+                 "answer": str(2 * i)} for i in range(6)]
+    dataset = tmp_path / "problems.jsonl"
+    dataset.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "traces"
+    generate = [sys.executable, "-m", "openr1_mega.distill", "generate", "--teacher",
+                str(tiny_dir), "--dataset", str(dataset), "--output", str(out), "--n", "2",
+                "--shard-size", "4", "--max-new-tokens", "16", "--max-model-len", "256",
+                "--kv-cache-gib", "0.125", "--dtype", "float32"]
+    run = subprocess.run(generate, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "shard 0: 1 problem(s) do not fit max_model_len=256 and are skipped: q1" in run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["skipped_problems"] == {"too_long": 2}
+    assert manifest["skipped_problem_ids"] == {"too_long": ["q1", "q4"]}
+    ids = pq.read_table(out / "data").column("problem_id").to_pylist()
+    assert sorted(ids) == sorted(f"q{i}" for i in (0, 2, 3, 5) for _ in range(2))
+    rerun = subprocess.run(generate, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]  # a restart accepts the skipped ids
+    filtered = subprocess.run([sys.executable, "-m", "openr1_mega.distill", "filter", "--input",
+                               str(out), "--output", str(tmp_path / "kept"), "--workers", "1"],
+                              capture_output=True, text=True, timeout=600)
+    assert filtered.returncode == 0, filtered.stderr[-3000:]
+    report = json.loads((tmp_path / "kept" / "filter_report.json").read_text())
+    assert report["skipped_problems"] == {"too_long": 2} and report["total"] == 8

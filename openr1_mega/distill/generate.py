@@ -8,7 +8,9 @@ Algorithm:
   1. problems = rows of the dataset (fields mapped to id / problem / answer), first --limit;
   2. chunk k = problems[k*S : (k+1)*S] (S = --shard-size): fixed by the input order, so a
      restart cuts the same chunks; shards already on disk are skipped (distill/shards.py);
-  3. per pending chunk: prompts = chat template(system?, user = template with {problem}),
+  3. per pending chunk: prompts = chat template(system?, user = template with {problem});
+     a problem whose prompt leaves no room in the teacher's max_model_len is skipped (its id
+     goes into the shard's metadata, and the manifest counts it: `skipped_problems`); then
      engine.generate(prompts, n, temperature, top_p, max_tokens, seed, step=k): each prompt's
      seed derives from (seed, k, position in chunk), so a regenerated chunk samples as the
      lost one would have; one row per completion with `messages` (prompt + assistant
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from openr1_mega.distill.shards import ShardStore
-from openr1_mega.eval.run import clamp_max_tokens, engine_max_len, prompt_ids
+from openr1_mega.eval.run import clamp_max_tokens, engine_max_len, prompt_ids, too_long
 from openr1_mega.eval.sources import read_rows, sha256_rows
 from openr1_mega.eval.tasks import MATH_INSTRUCTION
 
@@ -116,17 +118,36 @@ def prompt_messages(config: GenerateConfig, problem: str) -> list[dict[str, str]
 
 
 def generate_chunk(engine: Any, tokenizer: Any, config: GenerateConfig,
-                   chunk: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
-    """All rows (n per problem) of one chunk, grouped by problem, samples in order."""
+                   chunk: list[dict[str, Any]], step: int
+                   ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """All rows (n per problem) of one chunk, grouped by problem, samples in order, and
+    {"too_long": [problem id]}: the problems whose prompt does not fit the teacher's context
+    (skipped, so one over-long problem cannot stop a run over 100k)."""
     from openr1_mega.rl.rollout import SamplingConfig
 
     messages = [prompt_messages(config, p["problem"]) for p in chunk]
     prompts = [prompt_ids(tokenizer, m) for m in messages]
-    max_tokens = clamp_max_tokens(config.max_new_tokens, engine_max_len(engine), prompts,
-                                  [p["id"] for p in chunk])
+    max_len = engine_max_len(engine)
+    unfit = too_long(prompts, [p["id"] for p in chunk], max_len)
+    if unfit:
+        logger.warning("shard %d: %d problem(s) do not fit max_model_len=%d and are skipped: %s",
+                       step, len(unfit), max_len, ", ".join(f"{i} ({n} tokens)" for i, n in unfit))
+    skipped = {"too_long": [i for i, _ in unfit]} if unfit else {}
+    keep = [k for k, p in enumerate(prompts) if len(p) < max_len]
+    if not keep:
+        return [], skipped
+    max_tokens = clamp_max_tokens(config.max_new_tokens, max_len, [prompts[k] for k in keep],
+                                  [chunk[k]["id"] for k in keep])
     sampling = SamplingConfig(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_tokens=max_tokens, seed=config.seed)
-    outputs = engine.generate(prompts, sampling, step=step)
+    # indices keep each problem's seed (seed, shard, position) whatever was skipped before it
+    outputs = engine.generate([prompts[k] for k in keep], sampling, step=step, indices=keep)
+    return _rows(config, chunk, messages, outputs), skipped
+
+
+def _rows(config: GenerateConfig, chunk: list[dict[str, Any]], messages: list[list[dict]],
+          outputs: list[Any]) -> list[dict[str, Any]]:
+    """One row per completion: the prompt messages + the assistant's answer, and counts."""
     counts = [0] * len(chunk)
     rows = []
     for out in outputs:
@@ -177,8 +198,8 @@ def generate_traces(config: GenerateConfig,
     if pending:
         engine, tokenizer = start_teacher(config)
         for index in pending:
-            path = store.write(index, generate_chunk(engine, tokenizer, config, chunks[index],
-                                                     step=index))
+            rows, skipped = generate_chunk(engine, tokenizer, config, chunks[index], step=index)
+            path = store.write(index, rows, skipped)
             if on_shard is not None:
                 on_shard(index, path)
             store.update_manifest()
@@ -187,9 +208,12 @@ def generate_traces(config: GenerateConfig,
 
 
 def _check_shard(store: ShardStore, index: int, chunk: list[dict[str, Any]], n: int) -> None:
-    """A shard on disk must hold exactly its chunk's problems, n samples each."""
-    expected = sorted(p["id"] for p in chunk for _ in range(n))
+    """A shard on disk must hold exactly its chunk's problems (less the skipped ones, which
+    must be the chunk's), n samples each."""
+    skipped = {pid for ids in store.skipped(index).values() for pid in ids}
+    ids = {p["id"] for p in chunk}
+    expected = sorted(p["id"] for p in chunk if p["id"] not in skipped for _ in range(n))
     found = sorted(store.read_column(index, "problem_id"))
-    if found != expected:
+    if found != expected or not skipped <= ids:
         raise ValueError(f"{store.shard_path(index)} does not hold chunk {index}'s "
                          f"{len(chunk)} problems x {n} samples; was the input changed?")
