@@ -491,3 +491,73 @@ def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_pa
     assert filtered.returncode == 0, filtered.stderr[-3000:]
     report = json.loads((tmp_path / "kept" / "filter_report.json").read_text())
     assert report["skipped_problems"] == {"too_long": 2} and report["total"] == 8
+
+
+# ---- vLLM: a failed generation names its batch ----------------------------------------
+
+
+@pytest.mark.slow
+def test_generation_error_names_the_batch(tiny_dir):
+    from openr1_mega.rl.rollout import (
+        EngineConfig,
+        RolloutEngine,
+        RolloutError,
+        SamplingConfig,
+    )
+
+    engine = RolloutEngine(tiny_dir, EngineConfig(dtype="float32", kv_cache_bytes=64 * 2**20,
+                                                  max_model_len=128))
+    sampling = SamplingConfig(n=2, temperature=0.7, top_p=0.9, max_tokens=8, seed=3)
+    good = engine.generate([[5, 6, 7]], sampling)
+    assert len(good) == 2
+    with pytest.raises(RolloutError) as err:  # the second prompt is longer than the context
+        engine.generate([[5, 6, 7], [5] * 300], sampling, step=4, indices=[10, 11])
+    message = str(err.value)
+    assert "batch of 2 prompt(s) at step 4" in message
+    assert "[10:3, 11:300]" in message and "longest 300" in message
+    assert "n=2 temperature=0.7 top_p=0.9 max_tokens=8 seed=3" in message
+    assert isinstance(err.value.__cause__, Exception) and str(err.value.__cause__) in message
+    assert len(engine.generate([[5, 6, 7]], sampling)) == 2  # the engine still works
+
+
+def test_out_of_memory_message_says_what_to_lower():
+    import torch
+
+    from openr1_mega.rl.rollout import SamplingConfig, describe_failure
+
+    text = describe_failure(torch.OutOfMemoryError("CUDA out of memory"), [[1] * 7] * 20,
+                            list(range(20)), SamplingConfig(n=8), step=2)
+    assert "OutOfMemoryError: CUDA out of memory" in text and "... 4 more" in text
+    assert "total 140 tokens" in text and "out of memory: lower" in text
+
+
+# ---- W&B ---------------------------------------------------------------------------------
+
+
+def test_wandb_starts_when_a_project_is_set_without_a_run_name(tmp_path):
+    from openr1_mega.utils.logging import wandb_init_kwargs
+
+    out = tmp_path / "grpo-run"
+    assert wandb_init_kwargs(out, env={}) is None
+    assert wandb_init_kwargs(out, env={"WANDB_PROJECT": "r1"}) == {
+        "project": "r1", "name": "grpo-run", "dir": str(out)}
+    assert wandb_init_kwargs(out, project="p", env={"WANDB_NAME": "n"})["name"] == "n"
+    assert wandb_init_kwargs(out, env={"WANDB_PROJECT": "r1", "WANDB_MODE": "disabled"}) is None
+
+
+def test_metrics_logger_with_a_project_set_never_breaks(tmp_path, monkeypatch):
+    import importlib.util
+
+    from openr1_mega.utils.logging import MetricsLogger, read_metrics
+
+    monkeypatch.setenv("WANDB_PROJECT", "openr1-mega-test")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLogger(tmp_path / "run")
+    log.log(1, {"loss": 0.5, "grad_norm": float("nan")})
+    log.close()
+    assert read_metrics(log.path) == [{"step": 1, "loss": 0.5, "grad_norm": "nan"}]
+    installed = importlib.util.find_spec("wandb") is not None
+    assert (log.wandb is not None) == installed
+    if installed:  # offline: the run is written under the output directory, no network
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
