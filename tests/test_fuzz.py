@@ -169,3 +169,148 @@ def test_grpo_advantage_with_group_ids_equals_reference(count, groups, dtype, sc
     want = reference.grpo_advantage_reference(r, dense, 1, int(dense.max()) + 1, scale, 1e-6,
                                               unbiased)
     _assert_stats_equal(got, want, dtype)
+
+
+# ---- rewards ------------------------------------------------------------------------------
+
+FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "\\boxed{", "}", "{", "\\frac{1}{2}",
+             "$", "$$", "\\[", "\\]", "42", "-3.5", "x^2", "\n", "Step 1:", "```python\n",
+             "```", "print(input())", "\\sqrt{", "\u00e9", "\U0001f600", "\x00", "\\left(",
+             "\\infty", "1e308", "nan", "1/0", "=", " "]
+completion_text = st.one_of(
+    st.text(max_size=200),
+    st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=8), max_size=40).map("".join),
+    st.builds(lambda s, k: s * k, st.sampled_from(FRAGMENTS), st.integers(1, 2000)),
+)
+REWARD_OPTIONS = {"accuracy": {"workers": 1}, "cosine": {"workers": 1},
+                  "length": {"workers": 1}, "code": {"workers": 1, "wall_seconds": 2.0}}
+
+
+def _columns(completions, golds, lengths):
+    n = len(completions)
+    return {"answer": golds, "prompt": [f"p{i % 2}" for i in range(n)],
+            "completion_lengths": lengths,
+            "test_cases": ['[{"input": "1", "output": "1"}]'] * n}
+
+
+def _check_reward(name, completions, golds, lengths):
+    from openr1_mega.rl.rewards import RewardSet, get_reward
+
+    columns = _columns(completions, golds, lengths)
+    reward = get_reward(name, **REWARD_OPTIONS.get(name, {}))
+    values = reward(completions, **columns)  # straight through the registry: must not raise
+    assert isinstance(values, list) and len(values) == len(completions)
+    assert all(v is None or (isinstance(v, float | int) and math.isfinite(v)) for v in values)
+    rewards = RewardSet.from_spec({name: 1.0}, {name: REWARD_OPTIONS.get(name, {})},
+                                  timeout=120.0)
+    _, _, metrics = rewards(completions, columns)
+    assert metrics[f"{name}/errors"] == 0 and metrics[f"{name}/deadline_misses"] == 0
+
+
+def _reward_names():
+    from openr1_mega.rl.rewards import reward_names
+
+    return [n for n in reward_names() if not n.startswith("test_") and n != "code"]
+
+
+batch = st.integers(1, 4).flatmap(lambda n: st.tuples(
+    st.lists(completion_text, min_size=n, max_size=n),
+    st.lists(st.none() | st.sampled_from(["42", "\\frac{1}{2}", "x^2", ""]) | st.text(max_size=10),
+             min_size=n, max_size=n),
+    st.lists(st.integers(0, 40000), min_size=n, max_size=n)))
+
+
+@pytest.mark.parametrize("name", _reward_names())
+@settings(max_examples=EXAMPLES["rewards"], **FUZZ)
+@given(data=batch)
+def test_reward_never_raises_and_stays_in_its_limit(name, data):
+    _check_reward(name, *data)
+
+
+@settings(max_examples=EXAMPLES["code"], **FUZZ)
+@given(data=batch)
+def test_code_reward_never_raises_and_stays_in_its_limit(data):
+    completions, golds, lengths = data
+    completions = [f"```python\n{c}\n```" if i % 2 else c for i, c in enumerate(completions)]
+    _check_reward("code", completions, golds, lengths)
+
+
+# ---- recipe loader --------------------------------------------------------------------------
+
+
+def _recipe_fields():
+    """(section, field) names of the GRPO and SFT recipes, for near-valid random recipes."""
+    import dataclasses
+
+    from openr1_mega.train.grpo import GrpoRecipe
+    from openr1_mega.train.sft import SftRecipe
+
+    out = {}
+    for recipe in (GrpoRecipe, SftRecipe):
+        for section in dataclasses.fields(recipe):
+            out.setdefault(section.name, set()).update(
+                f.name for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                                   else section.default_factory))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+SCALARS = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats()
+           | st.text(max_size=12) | st.sampled_from(["auto", "bf16", "fp32", "dapo", "group",
+                                                    "skip", "error", "1e-5", "", "accuracy"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=6) | st.integers(), inner, max_size=3),
+                      max_leaves=6)
+
+
+@st.composite
+def recipes(draw):
+    """A mapping of known sections and fields (plus some unknown ones) to random values."""
+    fields = _recipe_fields()
+    doc = {}
+    for section in draw(st.lists(st.sampled_from(sorted(fields)) | st.text(max_size=5),
+                                 max_size=4, unique=True)):
+        names = fields.get(section, ["x"])
+        keys = draw(st.lists(st.sampled_from(names) | st.text(max_size=5) | st.integers(0, 9),
+                             max_size=4, unique=True))
+        doc[section] = draw(st.fixed_dictionaries({k: VALUES for k in keys}) | VALUES)
+    return doc
+
+
+def _load(tmp_path, text, overrides=()):
+    from openr1_mega.config.load import load_config
+    from openr1_mega.train.grpo import GrpoRecipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    try:
+        return load_config(path, list(overrides), GrpoRecipe)
+    except (ValueError, KeyError) as err:  # the only allowed failures: a clear message
+        assert str(err).strip(), "an error without a message"
+        return err
+
+
+@settings(max_examples=EXAMPLES["recipe"], **FUZZ)
+@given(doc=recipes())
+def test_random_recipe_mapping_loads_or_names_the_problem(tmp_path_factory, doc):
+    _load(tmp_path_factory.mktemp("r"), yaml.safe_dump(doc))
+
+
+@settings(max_examples=EXAMPLES["recipe"], **FUZZ)
+@given(text=st.text(max_size=200) | st.lists(st.sampled_from(
+    ["grpo:", "  steps: 3", "model: {path: x}", "- 1", ": :", "{", "]", "\t", "run:",
+     "  seed: 1.5", "&a [*a]", "!!python/object:os.system", "? x", "%YAML 1.1", "---"]),
+    max_size=8).map("\n".join))
+def test_random_recipe_text_loads_or_names_the_problem(tmp_path_factory, text):
+    result = _load(tmp_path_factory.mktemp("r"), text)
+    if isinstance(result, Exception) and "not valid YAML" in str(result):
+        assert "recipe.yaml" in str(result)
+
+
+@settings(max_examples=EXAMPLES["recipe"], **FUZZ)
+@given(overrides=st.lists(st.tuples(
+    st.sampled_from(["grpo.steps", "run.seed", "data.on_bad_row", "optim.lr", "grpo.rewards",
+                     "rollout", "grpo.rewards.accuracy", "model.path", "x.y", "", ".", "a..b"])
+    | st.text(max_size=10), st.text(max_size=12)).map("=".join) | st.text(max_size=15),
+    max_size=4))
+def test_random_overrides_load_or_name_the_problem(tmp_path_factory, overrides):
+    _load(tmp_path_factory.mktemp("r"), "grpo: {steps: 2}\n", overrides)
