@@ -475,7 +475,7 @@ def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_pa
                 str(tiny_dir), "--dataset", str(dataset), "--output", str(out), "--n", "2",
                 "--shard-size", "4", "--max-new-tokens", "16", "--max-model-len", "256",
                 "--kv-cache-gib", "0.125", "--dtype", "float32"]
-    run = subprocess.run(generate, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(generate, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "shard 0: 1 problem(s) do not fit max_model_len=256 and are skipped: q1" in run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -483,11 +483,11 @@ def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_pa
     assert manifest["skipped_problem_ids"] == {"too_long": ["q1", "q4"]}
     ids = pq.read_table(out / "data").column("problem_id").to_pylist()
     assert sorted(ids) == sorted(f"q{i}" for i in (0, 2, 3, 5) for _ in range(2))
-    rerun = subprocess.run(generate, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(generate, capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]  # a restart accepts the skipped ids
     filtered = subprocess.run([sys.executable, "-m", "openr1_mega.distill", "filter", "--input",
                                str(out), "--output", str(tmp_path / "kept"), "--workers", "1"],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, check=False)
     assert filtered.returncode == 0, filtered.stderr[-3000:]
     report = json.loads((tmp_path / "kept" / "filter_report.json").read_text())
     assert report["skipped_problems"] == {"too_long": 2} and report["total"] == 8

@@ -26,7 +26,7 @@ from openr1_mega.ops._extension import extension_loaded
 
 EXAMPLES = {"token_logprob": 60, "grpo_advantage": 60, "rewards": 25, "code": 8, "recipe": 150}
 PRIMES = [2, 3, 5, 7, 11, 13, 31, 127, 257, 1021, 4099]
-FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
 needs_kernels = pytest.mark.skipif(not extension_loaded(),
                                    reason="compiled extension not built: nothing to compare")
@@ -119,7 +119,8 @@ def _fuzz_rewards(count, dtype, levels, special, seed):
 
 
 def _assert_stats_equal(got, want, dtype):
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12,
+                                                                        "atol": 1e-12}
     tol["equal_nan"] = True  # eps=0 on an all-equal group is 0/0 in both (op allows eps=0)
     adv, token_adv, mean, std, zero = want
     torch.testing.assert_close(got.advantages.reshape(-1), adv, **tol)
