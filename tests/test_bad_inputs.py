@@ -459,6 +459,19 @@ def test_eval_lists_every_problem_that_does_not_fit():
     assert clamp_max_tokens(100, 10, prompts[:1] + prompts[2:3], ["a", "c"]) == 5
 
 
+def test_distill_skips_rows_without_a_problem(tmp_path, caplog):
+    from openr1_mega.distill.generate import GenerateConfig, load_problems
+
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2"}, {"id": "b", "answer": "3"},
+            {"id": "c", "problem": ["x"]}, {"id": "d", "problem": 7, "answer": "7"}]
+    path = _jsonl(tmp_path / "p.jsonl", [json.dumps(r).encode() for r in rows])
+    with caplog.at_level(logging.WARNING, logger="openr1_mega.data.prompts"):
+        problems = load_problems(GenerateConfig(teacher="t", dataset=str(path), output_dir="o"))
+    assert [(p["id"], p["problem"]) for p in problems] == [("a", "1+1?"), ("d", "7")]
+    assert "skipped 2 bad row(s) of 4; first: row 1 (field 'problem': missing or empty); " \
+           "row 2" in caplog.records[0].getMessage()
+
+
 @pytest.mark.slow
 def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_path):
     import subprocess

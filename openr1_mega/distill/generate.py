@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openr1_mega.data.prompts import BadRows, row_problem
 from openr1_mega.distill.shards import ShardStore
 from openr1_mega.eval.run import clamp_max_tokens, engine_max_len, prompt_ids, too_long
 from openr1_mega.eval.sources import read_rows, sha256_rows
@@ -91,22 +92,25 @@ class GenerateConfig:
 
 
 def load_problems(config: GenerateConfig) -> list[dict[str, Any]]:
-    """Rows mapped to {id, problem, answer}; ids must be unique."""
+    """Rows mapped to {id, problem, answer}; ids must be unique. A row whose problem is
+    missing, empty or not text is skipped (counted, the first few logged once)."""
     rows = read_rows(config.dataset, split=config.split, config=config.dataset_config)
-    problems, seen = [], set()
+    problems, seen, bad = [], set(), BadRows(config.dataset)
     for i, row in enumerate(rows[:config.limit]):
-        if config.problem_field not in row:
-            raise ValueError(f"dataset row {i} has no problem field {config.problem_field!r}; "
-                             f"fields are {sorted(row)}")
+        problem = row_problem(row, (config.problem_field,))
+        if problem is not None:
+            bad.add(f"row {i}", problem)
+            continue
         pid = str(row.get(config.id_field, i))
         if pid in seen:
             raise ValueError(f"dataset has duplicate problem id {pid!r} (field {config.id_field})")
         seen.add(pid)
         answer = row.get(config.answer_field)
-        problems.append({"id": pid, "problem": row[config.problem_field],
+        problems.append({"id": pid, "problem": str(row[config.problem_field]),
                          "answer": None if answer is None else str(answer)})
+    bad.log(len(rows[:config.limit]))
     if not problems:
-        raise ValueError(f"dataset {config.dataset} has no rows")
+        raise ValueError(f"dataset {config.dataset} has no usable rows")
     return problems
 
 
