@@ -84,7 +84,7 @@ def test_max_tokens_clamped_to_context(engine_and_tokenizer, caplog):
     assert used.max_tokens == 1024 - longest
     assert "clamped" in caplog.text
     assert all(s.completion_tokens <= used.max_tokens for v in samples.values() for s in v)
-    with pytest.raises(ValueError, match="problem 'x': prompt of 9 tokens"):
+    with pytest.raises(ValueError, match=r"1 of 1 problem\(s\) .* max_model_len=8: 'x' \(9 "):
         clamp_max_tokens(100, 8, [[1] * 9], ["x"])
 
 

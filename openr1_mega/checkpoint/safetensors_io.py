@@ -46,13 +46,7 @@ class HFReader:
                     self._entries[name] = (file, entry, data_start)
 
     def _files(self) -> list[Path]:
-        if (self.dir / INDEX).is_file():
-            weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
-            return [self.dir / f for f in sorted(set(weight_map.values()))]
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.dir}: no *.safetensors files")
-        return files
+        return weight_files(self.dir)
 
     def names(self) -> list[str]:
         """All tensor names in the checkpoint."""
@@ -220,7 +214,63 @@ def _pread_into(fd: int, out, offset: int) -> int:
     return done
 
 
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory: the index's shards, or every
+    *.safetensors file. Each must exist; errors name the directory, index or shard."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({err!r})") \
+                from err
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names shard(s) that are absent: {absent}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+    return files
+
+
 def _read_header(file: Path) -> tuple[dict, int]:
+    """(header, offset of the data) of a safetensors file, checked against the file's size:
+    a truncated or corrupt file is a ValueError naming it (not a bare decode error)."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{file}: truncated safetensors file ({size} bytes, no header)")
         (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length)), 8 + length
+        if 8 + length > size:
+            raise ValueError(f"{file}: truncated safetensors file (header of {length} bytes, "
+                             f"file of {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: corrupt safetensors header ({err})") from err
+    _check_extent(file, header, size - 8 - length)
+    return header, 8 + length
+
+
+def _check_extent(file: Path, header: object, data_bytes: int) -> None:
+    """Every tensor's byte range must lie inside the file and have a known dtype."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: corrupt safetensors header (not a JSON object)")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            dtype = entry["dtype"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{file}: corrupt safetensors header entry {name!r}") from err
+        if dtype not in DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not 0 <= start <= end <= data_bytes:
+            raise ValueError(f"{file}: truncated safetensors file (tensor {name!r} ends at "
+                             f"byte {end} of the data, the file holds {data_bytes})")

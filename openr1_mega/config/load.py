@@ -36,7 +36,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), cls: type[T] = 
         world_size: ranks the recipe must fit; None: $WORLD_SIZE, else 1.
         on_cuda: whether the job runs on GPUs; None: whether this machine has one.
     """
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = _parse_yaml(Path(path).read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     recipe = from_dict(cls, apply_overrides(data, overrides))
@@ -60,8 +60,16 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _parse_yaml(raw, f"override {item!r}")
     return out
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with a parse error re-raised as a ValueError naming `where`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not valid YAML ({err})") from err
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
@@ -70,7 +78,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     if not isinstance(data, dict):
         raise ValueError(f"{label}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=repr)  # YAML keys need not be strings
     if unknown:
         raise ValueError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     hints = typing.get_type_hints(cls)

@@ -59,11 +59,15 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 512
     """Prompts longer than this are skipped at load time (and counted)."""
+    on_bad_row: str = "skip"
+    """skip: drop malformed rows, log their count once per file; error: stop at the first,
+    naming file, row and field (see data/prompts.py for what makes a row bad)."""
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_eval", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 1")
+        _check_on_bad_row("data", self.on_bad_row)
 
 
 @dataclass
@@ -117,6 +121,9 @@ class GrpoConfig:
     """Reward name -> weight (names from rl.rewards.get_reward)."""
     reward_params: dict[str, dict] = field(default_factory=dict)
     """Reward name -> options passed to get_reward."""
+    reward_timeout: float = 600.0
+    """Seconds one reward may take on one step's batch; past it that reward gives None for
+    the batch and the step goes on (rl/rewards/combine.py)."""
     eval_every: int = 0
     """Evaluate held-out accuracy every N steps from the live engine; 0: only at the end."""
     eval_samples: int = 4
@@ -136,6 +143,8 @@ class GrpoConfig:
                 raise ValueError(f"grpo.{name}={getattr(self, name)}: must be >= 1")
         if not self.rewards:
             raise ValueError("grpo.rewards is empty: name at least one reward")
+        if not self.reward_timeout > 0:
+            raise ValueError(f"grpo.reward_timeout={self.reward_timeout}: must be > 0")
         unknown = sorted(set(self.reward_params) - set(self.rewards))
         if unknown:
             raise ValueError(f"grpo.reward_params names rewards not in grpo.rewards: {unknown}")
@@ -152,10 +161,15 @@ class RunConfig:
     export_hf: bool = True
     """Write an HF-layout export (safetensors + config + tokenizer) at the end."""
     log_every: int = 1
+    max_bad_steps: int = 3
+    """Stop after more than this many optimizer steps in a row were skipped for a
+    non-finite loss or grad norm (train/guard.py); 0 stops at the first."""
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.log_every < 1:
             raise ValueError("run.save_every must be >= 0 and run.log_every >= 1")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"run.max_bad_steps={self.max_bad_steps}: must be >= 0")
 
 
 @dataclass
@@ -183,12 +197,20 @@ class SftConfig:
     max_steps: int | None = None
     """Stop after this many steps even if the epochs are not done (smoke runs, rehearsals)."""
     system_prompt: str | None = None
+    on_bad_row: str = "skip"
+    """skip or error, as `data.on_bad_row` (a row's `messages_field` must be a conversation)."""
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"sft.max_steps={self.max_steps}: must be >= 1 (or null)")
+        _check_on_bad_row("sft", self.on_bad_row)
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"sft.eval_fraction={self.eval_fraction}: must be in [0, 1)")
         if self.seq_length < 2 or self.rows_per_step < 1 or self.epochs <= 0:
             raise ValueError("sft.seq_length must be >= 2, sft.rows_per_step >= 1, "
                              "sft.epochs > 0")
+
+
+def _check_on_bad_row(section: str, value: str) -> None:
+    if value not in ("skip", "error"):
+        raise ValueError(f"{section}.on_bad_row={value!r}: expected skip or error")

@@ -70,7 +70,7 @@ def _generate(args: argparse.Namespace) -> dict:
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               max_model_len=args.max_model_len))
     manifest = generate_traces(config)
-    return {k: manifest[k] for k in ("num_shards", "complete")}
+    return {k: manifest[k] for k in ("num_shards", "complete", "skipped_problems")}
 
 
 def _filter(args: argparse.Namespace) -> dict:

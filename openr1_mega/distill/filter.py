@@ -9,7 +9,9 @@ counts every reason a row fails, and the first reason as well):
   unverifiable    the row has a gold answer that math-verify can parse;
   wrong_answer    math-verify accepts the final answer (text after `</think>`) against the
                   gold answer: eval/scoring.score_math, the accuracy reward's code path.
-The kept rows are written as an HF dataset (parquet, same columns) with filter_report.json.
+The kept rows are written as an HF dataset (parquet, same columns) with filter_report.json,
+which also carries the problems `generate` skipped without sampling them (`skipped_problems`,
+e.g. {"too_long": 3}: prompts that do not fit the teacher's context).
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def filter_traces(input_path: str | Path, output_dir: str | Path,
         output_dir: where the kept rows and the report go.
         config: verification workers and time limit (default ScoringConfig()).
     """
-    source = Path(input_path)
+    source, skipped = Path(input_path), {}
     if (source / "data").is_dir():
+        skipped = _skipped_by_generate(source)
         source = source / "data"
     rows = read_rows(source)
     missing = {"problem_id", "completion", "finish_reason", "answer"} - set(rows[0] if rows
@@ -83,6 +86,14 @@ def filter_traces(input_path: str | Path, output_dir: str | Path,
     kept = [r for r, why in zip(rows, reasons) if not why]
     out = Path(output_dir)
     write_parquet_atomic(out / "data" / "train-00000-of-00001.parquet", kept, row_schema())
-    summary = dict(report(rows, reasons), input=str(input_path))
+    summary = dict(report(rows, reasons), input=str(input_path), skipped_problems=skipped)
     write_atomic(out / "filter_report.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _skipped_by_generate(run_dir: Path) -> dict[str, int]:
+    """{reason: problems} that `generate` skipped (e.g. too_long), from its manifest."""
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    return dict(json.loads(manifest.read_text()).get("skipped_problems", {}))

@@ -8,7 +8,9 @@ Algorithm:
   1. problems = rows of the dataset (fields mapped to id / problem / answer), first --limit;
   2. chunk k = problems[k*S : (k+1)*S] (S = --shard-size): fixed by the input order, so a
      restart cuts the same chunks; shards already on disk are skipped (distill/shards.py);
-  3. per pending chunk: prompts = chat template(system?, user = template with {problem}),
+  3. per pending chunk: prompts = chat template(system?, user = template with {problem});
+     a problem whose prompt leaves no room in the teacher's max_model_len is skipped (its id
+     goes into the shard's metadata, and the manifest counts it: `skipped_problems`); then
      engine.generate(prompts, n, temperature, top_p, max_tokens, seed, step=k): each prompt's
      seed derives from (seed, k, position in chunk), so a regenerated chunk samples as the
      lost one would have; one row per completion with `messages` (prompt + assistant
@@ -25,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openr1_mega.data.prompts import BadRows, row_problem
 from openr1_mega.distill.shards import ShardStore
-from openr1_mega.eval.run import clamp_max_tokens, engine_max_len, prompt_ids
+from openr1_mega.eval.run import clamp_max_tokens, engine_max_len, prompt_ids, too_long
 from openr1_mega.eval.sources import read_rows, sha256_rows
 from openr1_mega.eval.tasks import MATH_INSTRUCTION
 
@@ -89,22 +92,25 @@ class GenerateConfig:
 
 
 def load_problems(config: GenerateConfig) -> list[dict[str, Any]]:
-    """Rows mapped to {id, problem, answer}; ids must be unique."""
+    """Rows mapped to {id, problem, answer}; ids must be unique. A row whose problem is
+    missing, empty or not text is skipped (counted, the first few logged once)."""
     rows = read_rows(config.dataset, split=config.split, config=config.dataset_config)
-    problems, seen = [], set()
+    problems, seen, bad = [], set(), BadRows(config.dataset)
     for i, row in enumerate(rows[:config.limit]):
-        if config.problem_field not in row:
-            raise ValueError(f"dataset row {i} has no problem field {config.problem_field!r}; "
-                             f"fields are {sorted(row)}")
+        problem = row_problem(row, (config.problem_field,))
+        if problem is not None:
+            bad.add(f"row {i}", problem)
+            continue
         pid = str(row.get(config.id_field, i))
         if pid in seen:
             raise ValueError(f"dataset has duplicate problem id {pid!r} (field {config.id_field})")
         seen.add(pid)
         answer = row.get(config.answer_field)
-        problems.append({"id": pid, "problem": row[config.problem_field],
+        problems.append({"id": pid, "problem": str(row[config.problem_field]),
                          "answer": None if answer is None else str(answer)})
+    bad.log(len(rows[:config.limit]))
     if not problems:
-        raise ValueError(f"dataset {config.dataset} has no rows")
+        raise ValueError(f"dataset {config.dataset} has no usable rows")
     return problems
 
 
@@ -116,17 +122,36 @@ def prompt_messages(config: GenerateConfig, problem: str) -> list[dict[str, str]
 
 
 def generate_chunk(engine: Any, tokenizer: Any, config: GenerateConfig,
-                   chunk: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
-    """All rows (n per problem) of one chunk, grouped by problem, samples in order."""
+                   chunk: list[dict[str, Any]], step: int
+                   ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """All rows (n per problem) of one chunk, grouped by problem, samples in order, and
+    {"too_long": [problem id]}: the problems whose prompt does not fit the teacher's context
+    (skipped, so one over-long problem cannot stop a run over 100k)."""
     from openr1_mega.rl.rollout import SamplingConfig
 
     messages = [prompt_messages(config, p["problem"]) for p in chunk]
     prompts = [prompt_ids(tokenizer, m) for m in messages]
-    max_tokens = clamp_max_tokens(config.max_new_tokens, engine_max_len(engine), prompts,
-                                  [p["id"] for p in chunk])
+    max_len = engine_max_len(engine)
+    unfit = too_long(prompts, [p["id"] for p in chunk], max_len)
+    if unfit:
+        logger.warning("shard %d: %d problem(s) do not fit max_model_len=%d and are skipped: %s",
+                       step, len(unfit), max_len, ", ".join(f"{i} ({n} tokens)" for i, n in unfit))
+    skipped = {"too_long": [i for i, _ in unfit]} if unfit else {}
+    keep = [k for k, p in enumerate(prompts) if len(p) < max_len]
+    if not keep:
+        return [], skipped
+    max_tokens = clamp_max_tokens(config.max_new_tokens, max_len, [prompts[k] for k in keep],
+                                  [chunk[k]["id"] for k in keep])
     sampling = SamplingConfig(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_tokens=max_tokens, seed=config.seed)
-    outputs = engine.generate(prompts, sampling, step=step)
+    # indices keep each problem's seed (seed, shard, position) whatever was skipped before it
+    outputs = engine.generate([prompts[k] for k in keep], sampling, step=step, indices=keep)
+    return _rows(config, chunk, messages, outputs), skipped
+
+
+def _rows(config: GenerateConfig, chunk: list[dict[str, Any]], messages: list[list[dict]],
+          outputs: list[Any]) -> list[dict[str, Any]]:
+    """One row per completion: the prompt messages + the assistant's answer, and counts."""
     counts = [0] * len(chunk)
     rows = []
     for out in outputs:
@@ -143,16 +168,16 @@ def generate_chunk(engine: Any, tokenizer: Any, config: GenerateConfig,
 
 def start_teacher(config: GenerateConfig) -> tuple[Any, Any]:
     """The teacher's in-process vLLM engine and its tokenizer."""
-    from transformers import AutoTokenizer
-
+    from openr1_mega.checkpoint.model_dir import load_tokenizer
     from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 
+    tokenizer = load_tokenizer(config.teacher)  # names a missing or broken file before vLLM
     e = config.engine
     engine = RolloutEngine(config.teacher, EngineConfig(
         dtype=e.dtype, kv_cache_bytes=e.kv_cache_bytes,
         gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
         seed=config.seed, sleep_between_rollouts=False))
-    return engine, AutoTokenizer.from_pretrained(config.teacher)
+    return engine, tokenizer
 
 
 def generate_traces(config: GenerateConfig,
@@ -177,8 +202,8 @@ def generate_traces(config: GenerateConfig,
     if pending:
         engine, tokenizer = start_teacher(config)
         for index in pending:
-            path = store.write(index, generate_chunk(engine, tokenizer, config, chunks[index],
-                                                     step=index))
+            rows, skipped = generate_chunk(engine, tokenizer, config, chunks[index], step=index)
+            path = store.write(index, rows, skipped)
             if on_shard is not None:
                 on_shard(index, path)
             store.update_manifest()
@@ -187,9 +212,12 @@ def generate_traces(config: GenerateConfig,
 
 
 def _check_shard(store: ShardStore, index: int, chunk: list[dict[str, Any]], n: int) -> None:
-    """A shard on disk must hold exactly its chunk's problems, n samples each."""
-    expected = sorted(p["id"] for p in chunk for _ in range(n))
+    """A shard on disk must hold exactly its chunk's problems (less the skipped ones, which
+    must be the chunk's), n samples each."""
+    skipped = {pid for ids in store.skipped(index).values() for pid in ids}
+    ids = {p["id"] for p in chunk}
+    expected = sorted(p["id"] for p in chunk if p["id"] not in skipped for _ in range(n))
     found = sorted(store.read_column(index, "problem_id"))
-    if found != expected:
+    if found != expected or not skipped <= ids:
         raise ValueError(f"{store.shard_path(index)} does not hold chunk {index}'s "
                          f"{len(chunk)} problems x {n} samples; was the input changed?")

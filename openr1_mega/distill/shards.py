@@ -2,7 +2,7 @@
 
 Layout of an output directory (loadable with `datasets.load_dataset(<dir>/data)` or
 `load_dataset("parquet", data_files="<dir>/data/*.parquet")`):
-    manifest.json                         run settings, shard list, counts (progress view)
+    manifest.json                         run settings, shard list, skipped problems
     data/train-00003-of-00010.parquet     one shard per fixed chunk of problems
 Why it survives kill -9: a shard is written to a temp file in the same directory, fsynced,
 then renamed (atomic on POSIX) and the directory fsynced; so a shard file either exists
@@ -24,6 +24,9 @@ from openr1_mega.utils.io import atomic_file
 
 _SHARD = re.compile(r"train-(\d{5})-of-(\d{5})\.parquet")
 
+SKIPPED_KEY = "openr1_mega.skipped_problems"
+"""Shard metadata key: JSON {reason: [problem id]} of the chunk's problems without rows."""
+
 ROW_FIELDS = ("problem_id", "sample_index", "problem", "answer", "messages", "completion",
               "finish_reason", "prompt_tokens", "completion_tokens")
 
@@ -40,12 +43,18 @@ def row_schema() -> Any:
                       ("completion_tokens", pa.int32())])
 
 
-def write_parquet_atomic(path: Path, rows: list[dict[str, Any]], schema: Any = None) -> Path:
-    """Write rows to `path` via temp file + fsync + rename + directory fsync."""
+def write_parquet_atomic(path: Path, rows: list[dict[str, Any]], schema: Any = None,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """Write rows to `path` via temp file + fsync + rename + directory fsync.
+
+    `metadata` (str -> str) goes into the file's schema metadata, atomically with the rows.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_file(path, "wb") as f:
         pq.write_table(table, f)
     _fsync_dir(path.parent)
@@ -108,11 +117,21 @@ class ShardStore:
             found.add(int(match.group(1)))
         return found
 
-    def write(self, index: int, rows: list[dict[str, Any]]) -> Path:
-        """Write shard `index` atomically."""
+    def write(self, index: int, rows: list[dict[str, Any]],
+              skipped: dict[str, list[str]] | None = None) -> Path:
+        """Write shard `index` atomically, with the ids of the chunk's problems that were
+        skipped ({reason: [problem id]}) in its metadata."""
         if not 0 <= index < self.num_shards:
             raise ValueError(f"shard index must be in [0, {self.num_shards}), got {index}")
-        return write_parquet_atomic(self.shard_path(index), rows, row_schema())
+        metadata = {SKIPPED_KEY: json.dumps(skipped or {})}
+        return write_parquet_atomic(self.shard_path(index), rows, row_schema(), metadata)
+
+    def skipped(self, index: int) -> dict[str, list[str]]:
+        """{reason: [problem id]} of shard `index`'s problems that have no rows."""
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_schema(self.shard_path(index)).metadata or {}
+        return json.loads(metadata.get(SKIPPED_KEY.encode(), b"{}"))
 
     def read_column(self, index: int, column: str) -> list[Any]:
         import pyarrow.parquet as pq
@@ -122,8 +141,14 @@ class ShardStore:
     def update_manifest(self) -> dict[str, Any]:
         """Rewrite manifest.json from the shards on disk (atomically); returns it."""
         done = sorted(self.done())
+        skipped: dict[str, list[str]] = {}
+        for index in done:
+            for reason, ids in self.skipped(index).items():
+                skipped.setdefault(reason, []).extend(ids)
         manifest = {"settings": self.settings, "num_shards": self.num_shards,
                     "completed_shards": [self.shard_path(i).name for i in done],
-                    "complete": len(done) == self.num_shards}
+                    "complete": len(done) == self.num_shards,
+                    "skipped_problems": {reason: len(ids) for reason, ids in skipped.items()},
+                    "skipped_problem_ids": skipped}
         write_atomic(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
         return manifest

@@ -100,15 +100,15 @@ def read_completions(path: Path, task_names: list[str]) -> dict[str, dict[str, l
 
 
 def start_engine(args: argparse.Namespace) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
+    from openr1_mega.checkpoint.model_dir import load_tokenizer
     from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 
+    tokenizer = load_tokenizer(args.model)  # names a missing or broken file before vLLM starts
     config = EngineConfig(dtype=args.dtype, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_model_len=args.max_model_len, seed=args.seed,
                           sleep_between_rollouts=False)
-    return RolloutEngine(args.model, config), AutoTokenizer.from_pretrained(args.model)
+    return RolloutEngine(args.model, config), tokenizer
 
 
 def generate_all(args: argparse.Namespace, loaded: dict[str, tasks.TaskData]

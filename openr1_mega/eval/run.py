@@ -47,18 +47,27 @@ def engine_max_len(engine: Any) -> int:
     return int(engine.llm.model_config.max_model_len)
 
 
+def too_long(prompts: Sequence[Sequence[int]], ids: Sequence[str], max_len: int
+             ) -> list[tuple[str, int]]:
+    """(id, prompt tokens) of every prompt that leaves no room for one new token."""
+    return [(i, len(p)) for i, p in zip(ids, prompts) if len(p) >= max_len]
+
+
 def clamp_max_tokens(max_new_tokens: int, max_len: int, prompts: Sequence[Sequence[int]],
                      ids: Sequence[str]) -> int:
     """The largest completion budget every prompt fits: min(max_new_tokens, max_len - longest).
 
     Raises:
-        ValueError: a prompt leaves no room for a single new token (its id is named).
+        ValueError: prompts leave no room for a single new token (all of them are named,
+            with their lengths, in one message).
     """
+    unfit = too_long(prompts, ids, max_len)
+    if unfit:
+        listed = ", ".join(f"{i!r} ({n} tokens)" for i, n in unfit)
+        raise ValueError(f"{len(unfit)} of {len(prompts)} problem(s) have a prompt that does "
+                         f"not fit max_model_len={max_len}: {listed}")
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     room = max_len - len(prompts[longest])
-    if room < 1:
-        raise ValueError(f"problem {ids[longest]!r}: prompt of {len(prompts[longest])} tokens "
-                         f"does not fit max_model_len={max_len}")
     if room < max_new_tokens:
         logger.warning("max_new_tokens %d clamped to %d: max_model_len is %d and the longest "
                        "prompt has %d tokens", max_new_tokens, room, max_len,

@@ -45,10 +45,12 @@ def read_rows(source: str | Path, *, split: str = "train", config: str | None = 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a UTF-8 JSON document ({err})") from err
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json source must hold a list of rows")
         return data
@@ -57,6 +59,23 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     raise ValueError(f"source file {path} must end in one of {_LOCAL_SUFFIXES}")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every row of a JSONL file; a bad line (not UTF-8, not JSON, not an object, over the
+    row size limit) is an error naming the file and its 1-based line number."""
+    from openr1_mega.data.prompts import parse_jsonl_line
+
+    rows = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            row, problem = parse_jsonl_line(raw)
+            if problem is not None:
+                raise ValueError(f"{path}:{number}: {problem}")
+            rows.append(row)
+    return rows
 
 
 def _read_hub(name: str, *, split: str, config: str | None,

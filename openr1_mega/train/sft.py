@@ -35,9 +35,10 @@ from openr1_mega.config.train import OptimConfig, RunConfig, SftConfig
 from openr1_mega.data.chat import encode_conversation, prompt_messages
 from openr1_mega.data.packing import Packed, pack_examples, pad_examples
 from openr1_mega.data.prompts import load_rows
+from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
-from openr1_mega.models.hidden import forward_hidden
+from openr1_mega.train.guard import BadStepGuard
 from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.step import (
     cosine_lr,
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ctx.is_rank0:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
+    guard = BadStepGuard(recipe.run.max_bad_steps, recipe.run.output_dir)
     # Collectives: every rank reaches each line of this loop body.
     for step in tqdm(range(start, steps), desc="sft", disable=not ctx.is_rank0, initial=start,
                      total=steps):
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                           sft_forward(ctx, denominator, len(mine)),
                           lr=cosine_lr(step, steps, recipe.optim), metric_names=("loss",),
                           shape=_row_shape(mine))
+        guard.check(step, last)
         last["tokens"] = denominator
         if eval_rows and (s.eval_every and (step + 1) % s.eval_every == 0 or step + 1 == steps):
             last["eval/loss"] = eval_loss(ctx, eval_rows)  # collective
@@ -122,10 +125,12 @@ def sft_rows(recipe, tokenizer, width_multiple: int = 1, uniform: bool = False
 def conversations(s: SftConfig, seed: int) -> list[list[dict]]:
     """`messages` per row; a built-in task becomes (problem -> solver trace) conversations."""
     if s.source.startswith("task:"):
-        rows = load_rows(s.source, "train", s.num_train, seed, required=("problem", "solution"))
+        rows = load_rows(s.source, "train", s.num_train, seed, required=("problem", "solution"),
+                         on_bad_row=s.on_bad_row)
         return [prompt_messages(r["problem"], s.system_prompt)
                 + [{"role": "assistant", "content": r["solution"]}] for r in rows]
-    rows = load_rows(s.source, "train", None, seed, required=(s.messages_field,))
+    rows = load_rows(s.source, "train", None, seed, required=(),
+                     conversation_fields=(s.messages_field,), on_bad_row=s.on_bad_row)
     return [list(r[s.messages_field]) for r in rows]
 
 

@@ -46,6 +46,7 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from openr1_mega.config.train import OptimConfig
 from openr1_mega.parallel.cpu_device import cuda_as_cpu
+from openr1_mega.train.guard import step_if_finite
 
 
 def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
@@ -91,6 +92,8 @@ class CpuAdamW:
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype)
         norm = global_grad_norm(self.params)
+        if not math.isfinite(norm):  # never let NaN/inf reach the weights (train/guard.py)
+            return False, norm, None
         if self.optim.clip_grad and norm > self.optim.clip_grad:
             for p in self.params:
                 p.grad.mul_(self.optim.clip_grad / (norm + 1e-6))
@@ -214,15 +217,17 @@ def train_step(model: DistributedDataParallel, optimizer, micro_batches: list,
     contract; its loss_func returns (scaled_loss(...), metrics dict of 0-d tensors) whose
     keys include `metric_names`, each already a share of the step's global value.
     `shape` is the micro-batches' (rows, width), the same for all of them under PP > 1.
-    Collective: every rank of the world calls it.
+    A non-finite loss or gradient on any rank skips the optimizer step on every rank
+    (`update_skipped` = 1.0; see train/guard.py). Collective: every rank calls it.
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
     for group in optimizer.param_groups:
         group["lr"] = lr
     reduced = _run_schedule(model, micro_batches, forward_step, shape, forward_only=False)
-    _, grad_norm, _ = optimizer.step()
-    return {"grad_norm": float(grad_norm), "lr": lr, **step_metrics(reduced, metric_names)}
+    grad_norm, skipped = step_if_finite(optimizer, model.parameters(), reduced or ())
+    return {"grad_norm": grad_norm, "lr": lr, "update_skipped": float(skipped),
+            **step_metrics(reduced, metric_names)}
 
 
 def forward_only(model: torch.nn.Module, micro_batches: list, forward_step: Callable,

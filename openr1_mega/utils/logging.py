@@ -3,19 +3,62 @@
 The JSONL file (`metrics.jsonl`, one object per step) is the record tests and plots
 read; TensorBoard event files sit beside it. Only rank 0 writes. `plot_metrics` draws the
 curves a person wants to see (reward, accuracy, completion length) into a PNG.
+
+W&B starts when `wandb` imports and a project is set (the `project` argument, else the
+WANDB_PROJECT environment variable, as wandb itself reads it), unless WANDB_MODE=disabled.
+The run is named after the output directory unless a name is given (or WANDB_NAME is
+set). A W&B failure (no network, no login) is a warning: the JSONL record goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def wandb_init_kwargs(out_dir: str | Path, run_name: str | None = None,
+                      project: str | None = None,
+                      env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """The `wandb.init` arguments for a run writing to `out_dir`, or None when W&B is off
+    (no project set, or WANDB_MODE=disabled)."""
+    project = project or env.get("WANDB_PROJECT")
+    if not project or env.get("WANDB_MODE", "").lower() == "disabled":
+        return None
+    name = run_name or env.get("WANDB_NAME") or Path(out_dir).resolve().name
+    return {"project": project, "name": name, "dir": str(out_dir)}
+
+
+def start_wandb(kwargs: dict[str, Any] | None) -> Any:
+    """The W&B run for `kwargs` (from wandb_init_kwargs), or None when W&B is off,
+    not installed, or fails to start."""
+    if kwargs is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        logger.info("W&B project %r set but wandb is not installed: logging to JSONL/TB only",
+                    kwargs["project"])
+        return None
+    try:
+        return wandb.run or wandb.init(**kwargs)
+    except Exception as err:  # noqa: BLE001 - W&B is optional; the JSONL record goes on
+        logger.warning("W&B did not start (%s: %s); logging to JSONL/TB only",
+                       type(err).__name__, err)
+        return None
 
 
 class MetricsLogger:
-    """Append step metrics to `<out>/metrics.jsonl` and TensorBoard (`<out>/tb`)."""
+    """Append step metrics to `<out>/metrics.jsonl`, TensorBoard (`<out>/tb`) and W&B."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, run_name: str | None = None):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, run_name: str | None = None,
+                 project: str | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = self.wandb = None
@@ -25,12 +68,7 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
-        try:
-            import wandb
-        except ImportError:
-            wandb = None
-        if wandb is not None and wandb.run is None and run_name:
-            self.wandb = wandb.init(project="openr1-mega", name=run_name, dir=str(out_dir))
+        self.wandb = start_wandb(wandb_init_kwargs(out_dir, run_name, project))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record `metrics` for `step` (non-finite values are kept in JSONL as strings)."""
@@ -49,6 +87,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
