@@ -35,8 +35,10 @@ from openr1_mega.config.train import DataConfig, GrpoConfig, OptimConfig, Rollou
 from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import policy as policy_lib
+from openr1_mega.train import preemption
 from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.train.logprobs import logits_to_logprobs
+from openr1_mega.train.output_dir import prepare_output_dir
 from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
 from openr1_mega.utils.logging import MetricsLogger
 
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run GRPO from a recipe; returns the final metrics (rank 0)."""
     args = _parse_args(argv)
     recipe = load_config(args.recipe, args.overrides, GrpoRecipe)
+    prepare_output_dir(recipe.run, args.resume)
+    preemption.install()
     g, r = recipe.grpo, recipe.rollout
     ctx = policy_lib.setup(recipe)
     rows = policy_lib.prompt_rows(recipe, ctx.tokenizer)
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
             policy_lib.save(ctx, recipe.run, step + 1)
+        if preemption.requested():  # collective: every rank stops after the same step
+            policy_lib.save_and_exit(ctx, recipe.run, step + 1, logger)
     policy_lib.finish(ctx, recipe.run, g.steps, logger)
     return last
 

@@ -33,7 +33,9 @@ from openr1_mega.data.chat import encode_conversation, prompt_messages
 from openr1_mega.data.packing import Packed, pack_examples, pad_examples
 from openr1_mega.data.prompts import load_rows
 from openr1_mega.train import policy as policy_lib
+from openr1_mega.train import preemption
 from openr1_mega.train.logprobs import logits_to_logprobs
+from openr1_mega.train.output_dir import prepare_output_dir
 from openr1_mega.train.step import cosine_lr, scaled_loss, train_step
 from openr1_mega.utils.logging import MetricsLogger
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run SFT from a recipe; returns the final metrics."""
     args = _parse_args(argv)
     recipe = load_config(args.recipe, args.overrides, SftRecipe)
+    prepare_output_dir(recipe.run, args.resume)
+    preemption.install()
     s = recipe.sft
     ctx = policy_lib.setup(recipe)
     dp = ps.get_data_parallel_world_size()
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
             policy_lib.save(ctx, recipe.run, step + 1)
+        if preemption.requested():  # collective: every rank stops after the same step
+            policy_lib.save_and_exit(ctx, recipe.run, step + 1, logger)
     policy_lib.finish(ctx, recipe.run, steps, logger)
     return last
 
