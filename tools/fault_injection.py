@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -92,6 +92,7 @@ def main() -> None:
         out = work / f"trial_{trial:02d}"
         _trial(recipe, out, args, rng, ref_seconds, write_kill=trial % 2 == 0, counts=counts)
         got = _outcome(out)
+        _log(f"trial {trial}: {asdict(counts)}")
         if got != ref:
             counts.mismatches += 1
             _log(f"trial {trial}: MISMATCH with the reference in "
