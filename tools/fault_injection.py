@@ -237,7 +237,7 @@ def _outcome(out: Path) -> tuple:
     throughput), and the final weights."""
     from safetensors.torch import load_file
 
-    rows = [{k: v for k, v in json.loads(line).items() if not UNTIMED.match(k)}
+    rows = [{k: v for k, v in json.loads(line).items() if not UNTIMED.search(k)}
             for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     weights = load_file(out / "hf" / "model.safetensors")
     return (json.dumps(rows, sort_keys=True),
