@@ -125,7 +125,7 @@ def _trial(recipe: Path, out: Path, args, rng: random.Random, ref_seconds: float
     if code != 0:
         raise RuntimeError(f"{out}: the resumed run failed (exit {code}):\n{_tail(job)}")
     counts.resumes_ok += temps is not None
-    step = _resumed_step(job)
+    step = _resumed_step(job) if temps is not None else 0  # else: relaunch of a finished run
     if step:
         counts.resumed_from_checkpoint += 1
         gap = _row(out, step + 1).get(GAP)
