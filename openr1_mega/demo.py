@@ -7,6 +7,7 @@
 3. GRPO from the SFT checkpoint with vLLM rollouts and the math-verify accuracy reward
    (examples/recipes/demo/grpo.yaml), evaluated on held-out problems before and during RL.
 It prints the held-out accuracy after each stage and writes outputs/demo/grpo/metrics.png.
+Each run starts afresh (`run.overwrite=true`: an earlier demo's outputs are replaced).
 
     python -m openr1_mega.demo [--out outputs/demo] [--sft sft.epochs=1 ...] [grpo.steps=20 ...]
 """
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     base = build_base_model(out / "base")
     sft.main(["--recipe", str(RECIPES / "sft.yaml"), f"model.path={base}",
-              f"run.output_dir={out / 'sft'}", *args.sft])
+              f"run.output_dir={out / 'sft'}", "run.overwrite=true", *args.sft])
     final = grpo.main(["--recipe", str(RECIPES / "grpo.yaml"), f"model.path={out / 'sft' / 'hf'}",
-                       f"run.output_dir={out / 'grpo'}", *args.grpo_overrides])
+                       f"run.output_dir={out / 'grpo'}", "run.overwrite=true",
+                       *args.grpo_overrides])
     rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     result = {"sft_accuracy": rows[0]["eval/accuracy"], "grpo_accuracy": final["eval/accuracy"],
               "sft_accuracy_greedy": rows[0]["eval/accuracy_greedy"],

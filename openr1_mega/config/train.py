@@ -164,12 +164,22 @@ class RunConfig:
     max_bad_steps: int = 3
     """Stop after more than this many optimizer steps in a row were skipped for a
     non-finite loss or grad norm (train/guard.py); 0 stops at the first."""
+    keep_checkpoints: int = 0
+    """Keep the newest K step checkpoints under <output_dir>/checkpoints (older ones are
+    deleted once a newer one is committed); 0 keeps all."""
+    overwrite: bool = False
+    """Start fresh in an output_dir that holds an earlier run (its checkpoints, metrics and
+    export are deleted at start-up); without it such a directory is refused unless the
+    run is launched with --resume."""
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.log_every < 1:
             raise ValueError("run.save_every must be >= 0 and run.log_every >= 1")
         if self.max_bad_steps < 0:
             raise ValueError(f"run.max_bad_steps={self.max_bad_steps}: must be >= 0")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: must be >= 0 "
+                             "(0 keeps all)")
 
 
 @dataclass

@@ -41,9 +41,11 @@ from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
+from openr1_mega.train import preemption
 from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.train.guard import BadStepGuard, completion_ids
 from openr1_mega.train.logprobs import hidden_to_logprobs
+from openr1_mega.train.output_dir import prepare_output_dir
 from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dry_run:  # validate + print the plan; no process group, no model
         return dry_run.main(args.recipe, args.overrides, GrpoRecipe, args.world_size)
     recipe = load_config(args.recipe, args.overrides, GrpoRecipe)
+    prepare_output_dir(recipe.run, args.resume)
+    preemption.install()
     g, r = recipe.grpo, recipe.rollout
     ctx = policy_lib.setup(recipe)
     rows = policy_lib.prompt_rows(recipe, ctx.tokenizer)
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
             policy_lib.save(ctx, recipe.run, step + 1)  # collective
+        if preemption.requested():  # collective: every rank stops after the same step
+            policy_lib.save_and_exit(ctx, recipe.run, step + 1, logger)
     policy_lib.finish(ctx, recipe.run, g.steps, logger)
     return last
 

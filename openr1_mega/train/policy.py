@@ -11,6 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -186,30 +187,64 @@ def data_parallel_share(count: int) -> list[int]:
 
 
 def save(ctx: Context, run, step: int) -> Path:
-    """Atomic dist-checkpoint of model + optimizer + the loop's position."""
+    """Atomic dist-checkpoint of model + optimizer + the loop's position (step; the data
+    order, LR and sampler seeds are functions of (run.seed, step)) + each rank's RNG
+    states; then `latest` points at it and only the newest run.keep_checkpoints stay."""
     from openr1_mega.checkpoint import dist as dist_ckpt
 
-    path = Path(run.output_dir) / "checkpoints" / f"step_{step:06d}"
-    dist_ckpt.save(ctx.model, ctx.optimizer, {"step": step, "rng": torch.get_rng_state()}, path)
+    root = Path(run.output_dir) / "checkpoints"
+    path = dist_ckpt.save(ctx.model, ctx.optimizer, {"step": step, "seed": run.seed},
+                          dist_ckpt.step_dir(root, step), overwrite=True,
+                          rank_state=dist_ckpt.rng_state())
+    dist_ckpt.commit(root, path, run.keep_checkpoints)
     return path
 
 
 def resume(ctx: Context, run) -> int:
-    """Load the newest checkpoint under run.output_dir; returns the step to continue from."""
+    """Load the newest intact checkpoint under run.output_dir (corrupt ones are reported and
+    skipped) and drop metrics logged past it; returns the step to continue from, or 0
+    (saying so) when there is none, as an auto-resumed first attempt of a job has none."""
+    from openr1_mega.checkpoint import dist as dist_ckpt
+    from openr1_mega.train.output_dir import truncate_metrics
+
     root = Path(run.output_dir) / "checkpoints"
-    done = sorted(root.glob("step_*")) if root.exists() else []
-    if not done:
-        raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+    path = dist_ckpt.find_resumable(root)  # collective
+    step = 0
+    if path is not None:
+        extra = dist_ckpt.load(ctx.model, ctx.optimizer, path, rank_state=True)
+        if extra.get("seed", run.seed) != run.seed:
+            raise ValueError(f"--resume: {path} was written with run.seed={extra['seed']}, "
+                             f"this run has run.seed={run.seed} (the data order would differ)")
+        if extra["rank_state"] is not None:
+            dist_ckpt.set_rng_state(extra["rank_state"])
+        step = int(extra["step"])
+    if ctx.is_rank0:
+        truncate_metrics(run.output_dir, step)
+        print(f"--resume: continuing from {path} (step {step})" if path else
+              f"--resume: no checkpoint under {root}; starting fresh", flush=True)
+    return step
+
+
+def save_and_exit(ctx: Context, run, step: int, logger) -> NoReturn:
+    """Preempted (SIGTERM): checkpoint `step` unless it is the latest already, close the
+    logs and exit 0, so the scheduler sees a clean end and a requeued `--resume` continues."""
     from openr1_mega.checkpoint import dist as dist_ckpt
 
-    extra = dist_ckpt.load(ctx.model, ctx.optimizer, done[-1])
-    torch.set_rng_state(extra["rng"])
-    return int(extra["step"])
+    if dist_ckpt.latest_step(Path(run.output_dir) / "checkpoints") != step:
+        save(ctx, run, step)
+    logger.close()
+    if ctx.is_rank0:
+        print(f"preempted: checkpoint of step {step} written; exiting", flush=True)
+    raise SystemExit(0)
 
 
 def finish(ctx: Context, run, step: int, logger) -> None:
-    """Final checkpoint, HF export (model + tokenizer) and the metrics plot."""
-    save(ctx, run, step)
+    """Final checkpoint (unless save_every just wrote it), HF export (model + tokenizer)
+    and the metrics plot."""
+    from openr1_mega.checkpoint import dist as dist_ckpt
+
+    if dist_ckpt.latest_step(Path(run.output_dir) / "checkpoints") != step:
+        save(ctx, run, step)
     if run.export_hf:
         save_hf(ctx.model, Path(run.output_dir) / "hf", assets_dir=ctx.model_dir)
     if ctx.is_rank0:

@@ -38,8 +38,10 @@ from openr1_mega.data.prompts import load_rows
 from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
+from openr1_mega.train import preemption
 from openr1_mega.train.guard import BadStepGuard
 from openr1_mega.train.logprobs import hidden_to_logprobs
+from openr1_mega.train.output_dir import prepare_output_dir
 from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dry_run:  # validate + print the plan; no process group, no model
         return dry_run.main(args.recipe, args.overrides, SftRecipe, args.world_size)
     recipe = load_config(args.recipe, args.overrides, SftRecipe)
+    prepare_output_dir(recipe.run, args.resume)
+    preemption.install()
     s = recipe.sft
     ctx = policy_lib.setup(recipe)
     dp = ps.get_data_parallel_world_size()
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step + 1, last)
         if recipe.run.save_every and (step + 1) % recipe.run.save_every == 0:
             policy_lib.save(ctx, recipe.run, step + 1)
+        if preemption.requested():  # collective: every rank stops after the same step
+            policy_lib.save_and_exit(ctx, recipe.run, step + 1, logger)
     policy_lib.finish(ctx, recipe.run, steps, logger)
     return last
 
