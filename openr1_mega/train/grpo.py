@@ -22,7 +22,6 @@ Each step (Shao et al. 2024, DeepSeekMath; with DAPO's clip-higher and loss opti
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train import preemption
+from openr1_mega.train.cli import parse_entry_args
 from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.train.guard import BadStepGuard, completion_ids
 from openr1_mega.train.logprobs import hidden_to_logprobs
@@ -72,7 +72,7 @@ class GrpoRecipe:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run GRPO from a recipe; returns the final metrics (every rank holds the same)."""
-    args = _parse_args(argv)
+    args = parse_entry_args(argv, __doc__.splitlines()[0])
     if args.dry_run:  # validate + print the plan; no process group, no model
         return dry_run.main(args.recipe, args.overrides, GrpoRecipe, args.world_size)
     recipe = load_config(args.recipe, args.overrides, GrpoRecipe)
@@ -253,21 +253,6 @@ def _log_row(step_metrics, reward_metrics, stats, completions, timer, sync, r) -
         "time/sync": timer["sync"] - timer["train"],
         "sync/seconds": sync, "tokens_per_second": tokens / max(seconds, 1e-9),
     }
-
-
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", required=True, help="YAML recipe (examples/recipes/...)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in run.output_dir")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the recipe's layout, print per-rank parameters and "
-                             "the plan, build nothing")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: ranks to plan for (default $WORLD_SIZE, else "
-                             "the smallest world the layout fits)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
-    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

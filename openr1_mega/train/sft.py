@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
 from openr1_mega.train import preemption
+from openr1_mega.train.cli import parse_entry_args
 from openr1_mega.train.guard import BadStepGuard
 from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.output_dir import prepare_output_dir
@@ -66,7 +66,7 @@ class SftRecipe:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run SFT from a recipe; returns the final metrics."""
-    args = _parse_args(argv)
+    args = parse_entry_args(argv, __doc__.splitlines()[0])
     if args.dry_run:  # validate + print the plan; no process group, no model
         return dry_run.main(args.recipe, args.overrides, SftRecipe, args.world_size)
     recipe = load_config(args.recipe, args.overrides, SftRecipe)
@@ -219,20 +219,6 @@ def _row_logprobs(ctx, model, hidden: torch.Tensor, row: Packed) -> torch.Tensor
 def _global_tokens(rows: list[Packed]) -> float:
     """Assistant tokens in the whole step (all DP ranks hold the same list)."""
     return float(max(sum(r.num_tokens for r in rows), 1))
-
-
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the recipe's layout, print per-rank parameters and "
-                             "the plan, build nothing")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: ranks to plan for (default $WORLD_SIZE, else "
-                             "the smallest world the layout fits)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
-    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
