@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +28,8 @@ from openr1_mega.data.prompts import (
 )
 from openr1_mega.eval.__main__ import read_completions
 from openr1_mega.eval.sources import read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = {"id": "p", "problem": "1+1?", "answer": "2"}
 
@@ -318,8 +324,9 @@ def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_pa
 # ---- vLLM: a failed generation names its batch ----------------------------------------
 
 
-@pytest.mark.slow
-def test_generation_error_names_the_batch(tiny_dir):
+def _generation_error(model_dir: str) -> dict:
+    """Run in a fresh process: an in-process vLLM engine sets up torch.distributed, which
+    must not leak into the pytest process (later tests check that none exists)."""
     from openr1_mega.rl.rollout import (
         EngineConfig,
         RolloutEngine,
@@ -327,19 +334,35 @@ def test_generation_error_names_the_batch(tiny_dir):
         SamplingConfig,
     )
 
-    engine = RolloutEngine(tiny_dir, EngineConfig(dtype="float32", kv_cache_bytes=64 * 2**20,
-                                                  max_model_len=128))
+    engine = RolloutEngine(model_dir, EngineConfig(dtype="float32", kv_cache_bytes=64 * 2**20,
+                                                   max_model_len=128))
     sampling = SamplingConfig(n=2, temperature=0.7, top_p=0.9, max_tokens=8, seed=3)
-    good = engine.generate([[5, 6, 7]], sampling)
-    assert len(good) == 2
-    with pytest.raises(RolloutError) as err:  # the second prompt is longer than the context
+    good = len(engine.generate([[5, 6, 7]], sampling))
+    try:  # the second prompt is longer than the context
         engine.generate([[5, 6, 7], [5] * 300], sampling, step=4, indices=[10, 11])
-    message = str(err.value)
+        raised = None
+    except RolloutError as err:
+        raised = err
+    return {"good": good, "message": str(raised), "cause": str(raised.__cause__),
+            "cause_is_exception": isinstance(raised.__cause__, Exception),
+            "after": len(engine.generate([[5, 6, 7]], sampling))}
+
+
+@pytest.mark.slow
+def test_generation_error_names_the_batch(tiny_dir):
+    code = ("import json, sys; from tests.test_bad_inputs import _generation_error; "
+            "print('RESULT ' + json.dumps(_generation_error(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["good"] == 2 and result["after"] == 2  # the engine still works
+    message = result["message"]
     assert "batch of 2 prompt(s) at step 4" in message
     assert "[10:3, 11:300]" in message and "longest 300" in message
     assert "n=2 temperature=0.7 top_p=0.9 max_tokens=8 seed=3" in message
-    assert isinstance(err.value.__cause__, Exception) and str(err.value.__cause__) in message
-    assert len(engine.generate([[5, 6, 7]], sampling)) == 2  # the engine still works
+    assert result["cause_is_exception"] and result["cause"] in message
 
 
 def test_out_of_memory_message_says_what_to_lower():

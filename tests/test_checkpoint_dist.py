@@ -113,6 +113,7 @@ def _run_root(rank, world, hf_dir, out):
         saved[step] = (param.detach().clone(), torch.get_rng_state())
         torch.rand(7)  # the RNG moves on after the save
     listing = sorted(p.name for p in root.iterdir())
+    torch.distributed.barrier()  # every rank has listed before rank 0 adds the broken ones
     if rank == 0:  # a killed write, and a write killed between its rename and the commit
         shutil.copytree(root / "step_000004", root / ".step_000005.tmp-0123456789abcdef")
         shutil.copytree(root / "step_000004", root / "step_000005")

@@ -19,7 +19,8 @@ SUMS = dict(reversed(line.split()) for line in (DATA / "SHA256SUMS").read_text()
 def test_checksum_and_schema(name):
     path = DATA / name
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SUMS[name], f"{path} changed"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    # split on "\n" only: str.splitlines also breaks at U+2028 etc. inside JSON strings
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
     ids = [r["id"] for r in rows]
     assert len(set(ids)) == len(ids), f"{name}: duplicate ids"
     for r in rows:
