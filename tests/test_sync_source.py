@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import threading
-import time
 
 import pytest
 import torch
 
 from openr1_mega.models.archs.common import Kind, Rule, shard, unshard
 from openr1_mega.rl.sync_source import unshard_into
+from openr1_mega.utils.rss import RssPeak
 from tests._dist import run_world
 from tests._mcore_helpers import assert_same_tensors, hf_tensors, tiny
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 ALLOWANCE = 4 << 20
 """RSS slack beyond the bound: the QKV split's copies, allocator rounding, thread stacks."""
 
@@ -75,39 +72,6 @@ def test_every_rank_streams_the_hf_checkpoint(tmp_path):
         want = hf_tensors(hf_dir)
         for rank, got in enumerate(ranks):
             assert_same_tensors(got[i], want, f"{hf_dir.name} {layout} rank {rank}")
-
-
-class RssPeak:
-    """Largest RSS seen by a sampling thread (reads /proc/self/statm) while active."""
-
-    def __init__(self, interval: float = 2e-4):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> RssPeak:
-        self.base = rss_bytes()
-        self.peak = self.base
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 def _peak_rss(rank, world, hf_dir, layout):
