@@ -1,6 +1,7 @@
 """Prove the Megatron -> vLLM weight sync: trainer and engine log-probs agree after a sync.
 
     python tools/check_weight_sync.py --hf <dir> [--tp N --ep N --bucket-bytes B]
+                                      [--route sharded|rank0]
 
 Builds the Megatron policy from an HF directory (dense or MoE), changes its weights with
 one optimizer step on a fixed batch, streams them into a vLLM engine started from the
@@ -13,7 +14,8 @@ trainer's token_logprob (fp32). Prints one JSON line:
   bucket size), peak_extra_rss_bytes (largest RSS growth of any rank during the sync,
   sampled from /proc/self/statm by a thread: openr1_mega.utils.rss), rollout_tp (1: each
   rank drives its own engine), reload_from_disk_seconds (export to disk + start a fresh
-  engine process on it: the alternative to an in-memory sync), layout;
+  engine process on it: the alternative to an in-memory sync), route, layout;
+`--route rank0` measures the route this replaced (gather to rank 0, pickled broadcast).
 exit status 1 when max_abs_diff > 1e-4. With --tp/--ep > 1 it re-launches itself under
 torchrun (gloo on CPU).
 """
@@ -74,8 +76,12 @@ def _check(args) -> int:
     dist.barrier()
     gc.collect()
     with RssPeak() as rss:
-        stats = sync_weights(engine, iter_hf_tensors_everywhere(model), args.bucket_bytes)
-    sync_seconds, peak_extra = _max_over_ranks(stats.seconds, rss.extra)
+        start = time.perf_counter()  # the rank-0 route gathers before sync_weights starts
+        source = (iter_hf_tensors_everywhere(model) if args.route == "sharded"
+                  else _rank0_route(model))
+        stats = sync_weights(engine, source, args.bucket_bytes)
+        seconds = time.perf_counter() - start
+    sync_seconds, peak_extra = _max_over_ranks(seconds, rss.extra)
     trainer = _trainer_logprobs(model, sequences, vocab)
     after = engine.prompt_logprobs(sequences)
     diffs = torch.cat([(a - t).abs() for a, t in zip(after, trainer)])
@@ -89,13 +95,26 @@ def _check(args) -> int:
               "moved": moved, "sync_seconds": sync_seconds, "sync_bytes": stats.bytes,
               "gbytes_per_second": stats.bytes / sync_seconds / 1e9,
               "bucket_bytes": args.bucket_bytes, "peak_extra_rss_bytes": peak_extra,
-              "rollout_tp": 1,
+              "rollout_tp": 1, "route": args.route,
               "reload_from_disk_seconds": reload_seconds,
               "layout": {"tp": args.tp, "ep": args.ep, "world": dist.get_world_size()},
               "hf": str(args.hf), "tolerance": TOLERANCE}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     return int(result["max_abs_diff"] > TOLERANCE)
+
+
+def _rank0_route(model) -> list[tuple[str, torch.Tensor]]:
+    """The route this tool replaced, kept as the baseline to measure against: gather every
+    shard point-to-point to rank 0, then pickle the whole model to every rank."""
+    import torch.distributed as dist
+
+    from openr1_mega.checkpoint.hf import iter_hf_tensors
+
+    payload = [[(name, t.detach().clone()) for name, t in iter_hf_tensors(model)]]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
 
 
 def _max_over_ranks(seconds: float, rss_bytes: int) -> tuple[float, int]:
@@ -163,6 +182,8 @@ def _parse(argv):
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--bucket-bytes", type=int, default=256 * 2**20,
                         help="sync_weights bucket size (whole layers per vLLM reload call)")
+    parser.add_argument("--route", choices=("sharded", "rank0"), default="sharded",
+                        help="rank0: the old gather-to-rank-0 + pickle broadcast (baseline)")
     parser.add_argument("--lr", type=float, default=1e-2,
                         help="step size of the weight change (large enough to be seen)")
     return parser.parse_args(argv)
