@@ -79,19 +79,28 @@ def test_buckets_keep_layers_whole():
 
 
 @pytest.mark.slow
-def test_check_weight_sync_tool_moe_ep2(tmp_path):
-    """Megatron (EP=2, two gloo ranks) -> vLLM after an optimizer step: the tool's verdict."""
+@pytest.mark.parametrize("arch, layout", [("qwen2", {"tp": 2, "ep": 1}),
+                                          ("qwen2_moe", {"tp": 1, "ep": 2})])
+def test_check_weight_sync_tool(tmp_path, arch, layout):
+    """Megatron (TP=2 or EP=2, two gloo ranks) -> each rank's vLLM engine after an
+    optimizer step, through the sharded sync source: the tool's verdict and its report."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    model = write_tiny_model(tmp_path / "moe", "qwen2_moe")
+    model = write_tiny_model(tmp_path / arch, arch)
     proc = subprocess.run([sys.executable, "tools/check_weight_sync.py", "--hf", str(model),
-                           "--ep", "2"], cwd=root, capture_output=True, text=True, timeout=900,
+                           "--tp", str(layout["tp"]), "--ep", str(layout["ep"])],
+                          cwd=root, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
     assert result["max_abs_diff"] < 1e-4 and result["moved"] > 1e-2
-    assert result["layout"] == {"tp": 1, "ep": 2, "world": 2}
+    assert result["layout"] == {**layout, "world": 2} and result["rollout_tp"] == 1
+    hf_bytes = sum(t.numel() * t.element_size() for f in model.glob("*.safetensors")
+                   for t in load_file(f).values())
+    assert result["sync_bytes"] == hf_bytes
+    assert result["gbytes_per_second"] > 0 and result["peak_extra_rss_bytes"] > 0
+    assert result["bucket_bytes"] == 256 * 2**20

@@ -1,14 +1,21 @@
 """Prove the Megatron -> vLLM weight sync: trainer and engine log-probs agree after a sync.
 
-    python tools/check_weight_sync.py --hf <dir> [--tp N --ep N]
+    python tools/check_weight_sync.py --hf <dir> [--tp N --ep N --bucket-bytes B]
+                                      [--route sharded|rank0]
 
 Builds the Megatron policy from an HF directory (dense or MoE), changes its weights with
 one optimizer step on a fixed batch, streams them into a vLLM engine started from the
-original directory (rl/weight_sync.py), and compares vLLM's prompt log-probs of fixed
-sequences with the trainer's token_logprob (fp32). Prints one JSON line:
+original directory on every rank (rl/sync_source.py -> rl/weight_sync.py: layer by layer,
+tensor collectives only), and compares vLLM's prompt log-probs of fixed sequences with the
+trainer's token_logprob (fp32). Prints one JSON line:
   max_abs_diff, mean_abs_diff, moved (how far the step moved the log-probs),
-  sync_seconds, reload_from_disk_seconds (export to disk + start a fresh engine process
-  on it: the alternative to an in-memory sync), layout;
+  sync_seconds (slowest rank), sync_bytes (bytes loaded into each rank's engine),
+  gbytes_per_second (sync_bytes / sync_seconds / 1e9), bucket_bytes (sync_weights'
+  bucket size), peak_extra_rss_bytes (largest RSS growth of any rank during the sync,
+  sampled from /proc/self/statm by a thread: openr1_mega.utils.rss), rollout_tp (1: each
+  rank drives its own engine), reload_from_disk_seconds (export to disk + start a fresh
+  engine process on it: the alternative to an in-memory sync), route, layout;
+`--route rank0` measures the route this replaced (gather to rank 0, pickled broadcast).
 exit status 1 when max_abs_diff > 1e-4. With --tp/--ep > 1 it re-launches itself under
 torchrun (gloo on CPU).
 """
@@ -16,6 +23,7 @@ torchrun (gloo on CPU).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -41,14 +49,16 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args) -> int:
     import torch.distributed as dist
 
-    from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
+    from openr1_mega.checkpoint.hf import load_hf_weights, save_hf
     from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
     from openr1_mega.config.train import OptimConfig
     from openr1_mega.models.build import build_model
     from openr1_mega.parallel.init import initialize
     from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
-    from openr1_mega.rl.weight_sync import replicate_to_all_ranks, sync_weights
+    from openr1_mega.rl.sync_source import iter_hf_tensors_everywhere
+    from openr1_mega.rl.weight_sync import sync_weights
     from openr1_mega.train.step import build_optimizer, wrap_ddp
+    from openr1_mega.utils.rss import RssPeak
 
     parallel = ParallelConfig(tp=args.tp, ep=args.ep)
     initialize(parallel, seed=0)
@@ -64,9 +74,14 @@ def _check(args) -> int:
     _one_step(ddp, build_optimizer(ddp, OptimConfig(lr=args.lr)), sequences, vocab)
 
     dist.barrier()
-    start = time.perf_counter()
-    sync_weights(engine, replicate_to_all_ranks(iter_hf_tensors(model)))
-    sync_seconds = time.perf_counter() - start
+    gc.collect()
+    with RssPeak() as rss:
+        start = time.perf_counter()  # the rank-0 route gathers before sync_weights starts
+        source = (iter_hf_tensors_everywhere(model) if args.route == "sharded"
+                  else _rank0_route(model))
+        stats = sync_weights(engine, source, args.bucket_bytes)
+        seconds = time.perf_counter() - start
+    sync_seconds, peak_extra = _max_over_ranks(seconds, rss.extra)
     trainer = _trainer_logprobs(model, sequences, vocab)
     after = engine.prompt_logprobs(sequences)
     diffs = torch.cat([(a - t).abs() for a, t in zip(after, trainer)])
@@ -77,13 +92,38 @@ def _check(args) -> int:
         reload_seconds = time.perf_counter() - start + (
             _fresh_engine_seconds(tmp) if dist.get_rank() == 0 else 0.0)
     result = {"max_abs_diff": diffs.max().item(), "mean_abs_diff": diffs.mean().item(),
-              "moved": moved, "sync_seconds": sync_seconds,
+              "moved": moved, "sync_seconds": sync_seconds, "sync_bytes": stats.bytes,
+              "gbytes_per_second": stats.bytes / sync_seconds / 1e9,
+              "bucket_bytes": args.bucket_bytes, "peak_extra_rss_bytes": peak_extra,
+              "rollout_tp": 1, "route": args.route,
               "reload_from_disk_seconds": reload_seconds,
               "layout": {"tp": args.tp, "ep": args.ep, "world": dist.get_world_size()},
               "hf": str(args.hf), "tolerance": TOLERANCE}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     return int(result["max_abs_diff"] > TOLERANCE)
+
+
+def _rank0_route(model) -> list[tuple[str, torch.Tensor]]:
+    """The route this tool replaced, kept as the baseline to measure against: gather every
+    shard point-to-point to rank 0, then pickle the whole model to every rank."""
+    import torch.distributed as dist
+
+    from openr1_mega.checkpoint.hf import iter_hf_tensors
+
+    payload = [[(name, t.detach().clone()) for name, t in iter_hf_tensors(model)]]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _max_over_ranks(seconds: float, rss_bytes: int) -> tuple[float, int]:
+    """(slowest rank's seconds, largest RSS growth of any rank)."""
+    import torch.distributed as dist
+
+    both = torch.tensor([seconds, float(rss_bytes)], dtype=torch.float64)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return both[0].item(), int(both[1].item())
 
 
 def _one_step(ddp, optimizer, sequences, vocab) -> None:
@@ -140,6 +180,10 @@ def _parse(argv):
     parser.add_argument("--hf", required=True, help="HF model directory with tokenizer")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--bucket-bytes", type=int, default=256 * 2**20,
+                        help="sync_weights bucket size (whole layers per vLLM reload call)")
+    parser.add_argument("--route", choices=("sharded", "rank0"), default="sharded",
+                        help="rank0: the old gather-to-rank-0 + pickle broadcast (baseline)")
     parser.add_argument("--lr", type=float, default=1e-2,
                         help="step size of the weight change (large enough to be seen)")
     return parser.parse_args(argv)

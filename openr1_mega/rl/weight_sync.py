@@ -1,10 +1,11 @@
 """Weight sync: stream the policy's HF-named tensors into the colocated vLLM engine.
 
-The trainer yields full (TP-gathered, un-fused, HF-named) tensors layer by layer
-(`openr1_mega.checkpoint.hf.iter_hf_tensors`, the same path the HF export takes). This
-module groups them into per-layer buckets of bounded size and loads each bucket into
-vLLM in place, without touching disk, then resets the prefix cache (cached KV blocks were
-computed with the old weights).
+Every rank's trainer shards yield full (TP-gathered, un-fused, HF-named) tensors layer by
+layer on every rank (`openr1_mega.rl.sync_source.iter_hf_tensors_everywhere`: tensor
+all-gathers inside the TP/EP groups and a broadcast inside the PP group, no rank-0 funnel).
+This module groups them into per-layer buckets of bounded size and loads each bucket into
+the rank's own vLLM engine in place, without touching disk, then resets the prefix cache
+(cached KV blocks were computed with the old weights).
 
 Two load routes, chosen per tensor:
 - checkpoint format: `reload_weights(weights_iterator=...)`, vLLM's own loader, which
@@ -108,23 +109,6 @@ def _refresh_tied_lm_head(engine) -> None:
         method.process_weights_after_loading(head)
 
 
-def replicate_to_all_ranks(named_tensors: Iterable[tuple[str, torch.Tensor]]
-                           ) -> list[tuple[str, torch.Tensor]]:
-    """Rank 0's (name, tensor) stream, materialised and broadcast to every rank.
-
-    The trainer's gather delivers full tensors to rank 0 only; under torchrun each rank
-    drives its own engine, so rank 0 forwards the weights (one model copy in host memory).
-    """
-    import torch.distributed as dist
-
-    local = [(name, t.detach().cpu().clone()) for name, t in named_tensors]
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    payload = [local if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
-
-
 def _reload(engine, tensors: list[tuple[str, torch.Tensor]], is_checkpoint_format: bool) -> None:
     if tensors:
         engine.llm.collective_rpc("reload_weights", kwargs={
@@ -137,7 +121,8 @@ def _layer_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
 
     vLLM fuses a layer's q/k/v and gate/up while loading, so one layer's tensors must
     arrive in the same call; buckets close at a layer boundary once past `bucket_bytes`.
-    Tensors are copied: the trainer's gather yields views of a buffer it reuses per layer.
+    Tensors are not copied: producers must not reuse a yielded tensor's memory during the
+    sync (the sync sources allocate a fresh buffer per layer).
     """
     bucket, size, current_layer = [], 0, None
     for name, tensor in named_tensors:
@@ -146,7 +131,7 @@ def _layer_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
         if bucket and layer != current_layer and size >= bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, tensor.clone()))  # producers may reuse their buffers
+        bucket.append((name, tensor))
         size += tensor.numel() * tensor.element_size()
         current_layer = layer
     if bucket:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from openr1_mega.checkpoint.hf import iter_hf_tensors, load_hf_weights, save_hf
+from openr1_mega.checkpoint.hf import load_hf_weights, save_hf
 from openr1_mega.checkpoint.model_dir import load_tokenizer
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
@@ -131,11 +131,11 @@ def start_engine(ctx: Context, recipe) -> RolloutEngine:
 
 def sync_engine(ctx: Context, engine: RolloutEngine) -> float:
     """Stream the policy's full weights into every rank's engine; returns seconds."""
-    from openr1_mega.rl.weight_sync import replicate_to_all_ranks, sync_weights
+    from openr1_mega.rl.sync_source import iter_hf_tensors_everywhere
+    from openr1_mega.rl.weight_sync import sync_weights
 
     start = time.perf_counter()
-    tensors = replicate_to_all_ranks(iter_hf_tensors(ctx.model))
-    sync_weights(engine, tensors)
+    sync_weights(engine, iter_hf_tensors_everywhere(ctx.model))
     return time.perf_counter() - start
 
 
