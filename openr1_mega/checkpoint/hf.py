@@ -4,7 +4,8 @@ load_hf_weights(model, hf_dir)   every rank reads, rule by rule, only its TP sli
                                  HF tensors of the parameters it holds (`read_shard`),
                                  re-lays it (QKV groups, fused gate/up, padded vocab) and
                                  copies it in; memory: one rule's shard at a time.
-iter_hf_tensors(model)           the reverse, for export and for vLLM weight sync: yields
+iter_hf_tensors(model)           the reverse, for export (weight sync streams through
+                                 rl/sync_source.py on every rank instead): yields
                                  (hub name, full tensor) on global rank 0, layer by layer
                                  (collective: all ranks must iterate it; see `gather`).
 save_hf(model, out_dir, assets)  iter_hf_tensors -> safetensors shards + config/tokenizer.
