@@ -40,7 +40,7 @@ def test_nothing_reads_beside_the_clone():
                  for f in (REPO / top).rglob("*")
                  if f.suffix in {".py", ".sh", ".yaml"} and f.name != Path(__file__).name
                  and pattern.search(f.read_text(errors="replace"))]
-    assert not offenders, f"these read ../shared, which a fresh clone lacks: {offenders}"
+    assert not offenders, f"these read a folder a fresh clone lacks: {offenders}"
 
 
 def test_eval_tasks_default_to_the_shipped_data(monkeypatch):

@@ -54,7 +54,7 @@ from openr1_mega.checkpoint.safetensors_io import copy_hf_assets
 from openr1_mega.config.schema import ArchConfig
 from openr1_mega.config.to_megatron import precision_name
 from openr1_mega.models.build import model_arch, unwrap
-from openr1_mega.utils.io import atomic_file
+from openr1_mega.utils.io import atomic_file, fsync_dir
 
 INFO_FILE = "openr1_checkpoint.json"
 MANIFEST = "manifest.json"
@@ -215,15 +215,6 @@ def publish(tmp: Path, path: Path, overwrite: bool) -> None:
     else:
         os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory: makes the names created, renamed or removed in it durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dir(root: str | Path, step: int) -> Path:

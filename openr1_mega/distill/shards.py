@@ -14,13 +14,12 @@ manifest behind simply rewrites it. Temp files left by a kill are deleted on ope
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from openr1_mega.eval.sources import write_atomic
-from openr1_mega.utils.io import atomic_file
+from openr1_mega.utils.io import atomic_file, fsync_dir
 
 _SHARD = re.compile(r"train-(\d{5})-of-(\d{5})\.parquet")
 
@@ -57,16 +56,8 @@ def write_parquet_atomic(path: Path, rows: list[dict[str, Any]], schema: Any = N
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_file(path, "wb") as f:
         pq.write_table(table, f)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardStore:

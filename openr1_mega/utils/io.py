@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a temp file beside the target, fsync, then an atomic rename."""
+"""Crash-safe file writes: a temp file beside the target, fsync, then an atomic rename;
+fsync of directories (names created, renamed or removed)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """fsync a directory: makes the names created, renamed or removed in it durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
