@@ -74,4 +74,4 @@ def test_initialize_groups_and_model_parallel_seeds():
     assert r0["tp2"]["dp_draw"] == r1["tp2"]["dp_draw"]
     # DP replicas (same TP rank) draw the same model-parallel stream
     assert r0["dp2"]["tp_draw"] == r1["dp2"]["tp_draw"]
-    assert "not divisible by tp*pp*cp=3" in r0["error"]
+    assert "not divisible by parallel.tp*pp*cp=3*1*1=3" in r0["error"]
