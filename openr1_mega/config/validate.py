@@ -34,8 +34,11 @@ HF_CONFIG = "config.json"
 
 
 def world_size_from_env() -> int:
-    """$WORLD_SIZE as torchrun sets it; 1 for a process started without a launcher."""
-    raw = os.environ.get("WORLD_SIZE", "1")
+    """$WORLD_SIZE as torchrun sets it, else Slurm's task count when srun started the process
+    (the same mapping `parallel.init` applies later); 1 without a launcher."""
+    from openr1_mega.parallel.launch import slurm_env
+
+    raw = os.environ.get("WORLD_SIZE") or slurm_env(os.environ).get("WORLD_SIZE", "1")
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"$WORLD_SIZE={raw!r}: expected a positive integer")
     return int(raw)
