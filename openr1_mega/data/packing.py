@@ -31,6 +31,12 @@ class Packed:
         return int(self.loss_mask.sum())
 
 
+def round_up(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (the widths sequence/context
+    parallelism split evenly)."""
+    return -(-length // multiple) * multiple
+
+
 def shift_labels(example: Example) -> tuple[list[int], list[int]]:
     """Labels (next token) and their mask for one document; its last token has no label."""
     labels = example.input_ids[1:] + [0]
@@ -101,7 +107,7 @@ def pad_examples(examples: list[Example], pad_id: int = 0, width_multiple: int =
     `width` (default: the longest example) rounded up to `width_multiple` (sequence
     parallelism splits S)."""
     width = width or max(len(ex.input_ids) for ex in examples)
-    width = -(-width // width_multiple) * width_multiple
+    width = round_up(width, width_multiple)
     rows = [_pack_row([ex], width, pad_id) for ex in examples]
     return Packed(*(torch.stack([getattr(r, f) for r in rows])
                     for f in ("input_ids", "labels", "loss_mask", "position_ids")),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from openr1_mega.data.packing import round_up
 from openr1_mega.rl.rollout import Completion
 
 
@@ -51,7 +52,7 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
     same [rows, width]: the step's longest width and as many rows as fit the budget.
     Raises ValueError when a single completion is longer than the budget.
     """
-    lengths = [_padded(len(c.prompt_ids) + len(c.completion_ids), width_multiple)
+    lengths = [round_up(len(c.prompt_ids) + len(c.completion_ids), width_multiple)
                for c in completions]
     too_long = [i for i, n in enumerate(lengths) if n > token_budget]
     if too_long:
@@ -90,10 +91,6 @@ def _budget_groups(order: list[int], lengths: list[int], token_budget: int, worl
     if current:
         groups.append(current)
     return groups
-
-
-def _padded(length: int, multiple: int) -> int:
-    return -(-length // multiple) * multiple
 
 
 def _collate(rows: list[Completion], advantages: torch.Tensor, index: torch.Tensor,

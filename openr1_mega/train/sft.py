@@ -32,7 +32,7 @@ from openr1_mega.config.load import load_config, to_dict
 from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from openr1_mega.config.train import OptimConfig, RunConfig, SftConfig
 from openr1_mega.data.chat import encode_conversation, prompt_messages
-from openr1_mega.data.packing import Packed, pack_examples, pad_examples
+from openr1_mega.data.packing import Packed, pack_examples, pad_examples, round_up
 from openr1_mega.data.prompts import load_rows
 from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.train import dry_run
@@ -145,8 +145,7 @@ def _rows(examples, s: SftConfig, pad_id: int, width_multiple: int = 1,
     if not examples:
         return []
     if s.pack:
-        return pack_examples(examples, -(-s.seq_length // width_multiple) * width_multiple,
-                             pad_id)
+        return pack_examples(examples, round_up(s.seq_length, width_multiple), pad_id)
     return [pad_examples([ex], pad_id, width_multiple, width) for ex in examples]
 
 
