@@ -3,7 +3,7 @@
 Real gloo ranks (tests._dist.run_world) and real Megatron models built from tiny HF
 checkpoints. The reference is the HF checkpoint on disk (safetensors' own reader): every
 rank's stream must equal it bit for bit (fp32 in, fp32 out), for dense TP=2 x PP=2 and
-MoE (tied, shared expert) EP=2 x TP=2. The memory test streams a 12-layer model at TP=2
+MoE (tied, shared expert) EP=2 x TP=2. The memory test streams a 16-layer model at TP=2
 and checks each rank's peak RSS growth against one layer + the largest tensor (+ gloo's
 staging copy), in fresh processes (a sampling thread reads /proc/self/statm).
 """
@@ -22,8 +22,9 @@ from openr1_mega.utils.rss import RssPeak
 from tests._dist import run_world
 from tests._mcore_helpers import assert_same_tensors, hf_tensors, tiny
 
-ALLOWANCE = 4 << 20
-"""RSS slack beyond the bound: the QKV split's copies, allocator rounding, thread stacks."""
+ALLOWANCE = 8 << 20
+"""RSS slack beyond the bound: the QKV split's copies, allocator rounding, thread stacks
+(CI's machine measured 2.3 MiB more than a 4 MiB slack allowed, on an unchanged stream)."""
 
 
 @pytest.mark.parametrize("kind, tp_dim, shape", [
@@ -109,7 +110,7 @@ def test_peak_rss_stays_within_one_layer(tmp_path, monkeypatch):
     from openr1_mega.models.tiny import write_tiny_model
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    hf_dir = write_tiny_model(tmp_path / "deep", "qwen2", num_hidden_layers=12,
+    hf_dir = write_tiny_model(tmp_path / "deep", "qwen2", num_hidden_layers=16,
                               hidden_size=512, num_attention_heads=8, intermediate_size=1376)
     for rank in run_world(_peak_rss, hf_dir, {"tp": 2}, world_size=2):
         bound = rank["layer"] + 2 * rank["largest"] + ALLOWANCE
