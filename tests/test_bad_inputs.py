@@ -327,12 +327,8 @@ def test_distill_skips_problems_that_do_not_fit_and_counts_them(tiny_dir, tmp_pa
 def _generation_error(model_dir: str) -> dict:
     """Run in a fresh process: an in-process vLLM engine sets up torch.distributed, which
     must not leak into the pytest process (later tests check that none exists)."""
-    from openr1_mega.rl.rollout import (
-        EngineConfig,
-        RolloutEngine,
-        RolloutError,
-        SamplingConfig,
-    )
+    from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
+    from openr1_mega.rl.types import RolloutError, SamplingConfig
 
     engine = RolloutEngine(model_dir, EngineConfig(dtype="float32", kv_cache_bytes=64 * 2**20,
                                                    max_model_len=128))
@@ -368,7 +364,8 @@ def test_generation_error_names_the_batch(tiny_dir):
 def test_out_of_memory_message_says_what_to_lower():
     import torch
 
-    from openr1_mega.rl.rollout import SamplingConfig, describe_failure
+    from openr1_mega.rl.rollout import describe_failure
+    from openr1_mega.rl.types import SamplingConfig
 
     text = describe_failure(torch.OutOfMemoryError("CUDA out of memory"), [[1] * 7] * 20,
                             list(range(20)), SamplingConfig(n=8), step=2)

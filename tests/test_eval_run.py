@@ -40,7 +40,7 @@ def engine_and_tokenizer(tiny_model):
 
 
 def _sampling(**kw):
-    from openr1_mega.rl.rollout import SamplingConfig
+    from openr1_mega.rl.types import SamplingConfig
 
     return SamplingConfig(**{"n": 2, "temperature": 0.6, "top_p": 0.95, "max_tokens": 24,
                              "seed": 0, **kw})

@@ -8,7 +8,7 @@ import torch
 
 from openr1_mega.models.tiny import write_tiny_model
 from openr1_mega.rl.experience import micro_batches
-from openr1_mega.rl.rollout import Completion
+from openr1_mega.rl.types import Completion
 from tests._dist import run_world
 
 

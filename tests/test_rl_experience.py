@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from openr1_mega.rl.experience import micro_batches
-from openr1_mega.rl.rollout import Completion
+from openr1_mega.rl.types import Completion
 
 
 def _batch(n=11):

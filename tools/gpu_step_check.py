@@ -127,7 +127,7 @@ def sft_check(model_dir: Path, out_dir: Path, steps: int) -> dict:
 
 def premade_completions(rows: list[dict], group: int, length: int, vocab: int, seed: int):
     """`group` completions of `length` random tokens per prompt, logprobs still empty."""
-    from openr1_mega.rl.rollout import Completion
+    from openr1_mega.rl.types import Completion
 
     gen = torch.Generator().manual_seed(seed)
     return [Completion(prompt_index=p, prompt_ids=list(row["prompt_ids"]),

@@ -127,7 +127,7 @@ def generate_chunk(engine: Any, tokenizer: Any, config: GenerateConfig,
     """All rows (n per problem) of one chunk, grouped by problem, samples in order, and
     {"too_long": [problem id]}: the problems whose prompt does not fit the teacher's context
     (skipped, so one over-long problem cannot stop a run over 100k)."""
-    from openr1_mega.rl.rollout import SamplingConfig
+    from openr1_mega.rl.types import SamplingConfig
 
     messages = [prompt_messages(config, p["problem"]) for p in chunk]
     prompts = [prompt_ids(tokenizer, m) for m in messages]

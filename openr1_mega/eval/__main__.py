@@ -114,7 +114,7 @@ def start_engine(args: argparse.Namespace) -> tuple[Any, Any]:
 def generate_all(args: argparse.Namespace, loaded: dict[str, tasks.TaskData]
                  ) -> tuple[dict[str, dict[str, list]], dict[str, dict]]:
     """({task: {id: samples}}, {task: sampling settings used}) from one engine."""
-    from openr1_mega.rl.rollout import SamplingConfig
+    from openr1_mega.rl.types import SamplingConfig
 
     engine, tokenizer = start_engine(args)
     sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,

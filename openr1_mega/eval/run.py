@@ -163,7 +163,7 @@ def evaluate(engine: Any, tokenizer: Any, task: TaskData, sampling: Any, *,
         engine: an rl.rollout.RolloutEngine (its current weights are evaluated).
         tokenizer: a transformers tokenizer with the model's chat template.
         task: from `tasks.load_task` (load once, evaluate every N steps).
-        sampling: an rl.rollout.SamplingConfig (n, temperature, top_p, max_tokens, seed).
+        sampling: an rl.types.SamplingConfig (n, temperature, top_p, max_tokens, seed).
         system_prompt: optional system message.
         step: training step; seeds the per-prompt sampling seeds.
         config: verification workers and time limits (default ScoringConfig()).

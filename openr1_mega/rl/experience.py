@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from openr1_mega.data.packing import round_up
-from openr1_mega.rl.rollout import Completion
+from openr1_mega.rl.types import Completion
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from openr1_mega.rl.rollout import SamplingConfig
+from openr1_mega.rl.types import SamplingConfig
 from openr1_mega.train.policy import generate_shared
 
 

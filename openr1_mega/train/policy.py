@@ -22,7 +22,8 @@ from openr1_mega.checkpoint.model_dir import load_tokenizer
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
 from openr1_mega.parallel.init import initialize
-from openr1_mega.rl.rollout import Completion, EngineConfig, RolloutEngine, SamplingConfig
+from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
+from openr1_mega.rl.types import Completion, SamplingConfig
 from openr1_mega.train.step import build_optimizer, default_device, wrap_ddp
 
 
