@@ -1,22 +1,27 @@
 """Prove the Megatron -> vLLM weight sync: trainer and engine log-probs agree after a sync.
 
     python tools/check_weight_sync.py --hf <dir> [--tp N --ep N --bucket-bytes B]
-                                      [--route sharded|rank0]
+                                      [--route sharded|rank0] [--dtype fp32|bf16]
+                                      [--change step|noise]
 
-Builds the Megatron policy from an HF directory (dense or MoE), changes its weights with
-one optimizer step on a fixed batch, streams them into a vLLM engine started from the
-original directory on every rank (rl/sync_source.py -> rl/weight_sync.py: layer by layer,
-tensor collectives only), and compares vLLM's prompt log-probs of fixed sequences with the
-trainer's token_logprob (fp32). Prints one JSON line:
+Builds the Megatron policy from an HF directory (dense or MoE), changes its weights (one
+optimizer step on a fixed batch, or with --change noise seeded noise in place: no optimizer
+state, for models whose Adam states would not fit), streams them into a vLLM engine started
+from the original directory on every rank (rl/sync_source.py -> rl/weight_sync.py: layer by
+layer, tensor collectives only), and compares vLLM's prompt log-probs of fixed sequences
+with two references: the trainer's token_logprob (the pass criterion in fp32) and a fresh
+engine started on the exported checkpoint (same kernels, same weights: the criterion in
+bf16, where trainer and vLLM kernels round differently). Prints one JSON line:
   max_abs_diff, mean_abs_diff, moved (how far the step moved the log-probs),
   sync_seconds (slowest rank), sync_bytes (bytes loaded into each rank's engine),
   gbytes_per_second (sync_bytes / sync_seconds / 1e9), bucket_bytes (sync_weights'
   bucket size), peak_extra_rss_bytes (largest RSS growth of any rank during the sync,
   sampled from /proc/self/statm by a thread: openr1_mega.utils.rss), rollout_tp (1: each
   rank drives its own engine), reload_from_disk_seconds (export to disk + start a fresh
-  engine process on it: the alternative to an in-memory sync), route, layout;
+  engine process on it: the alternative to an in-memory sync), disk_max_abs_diff (synced
+  engine vs that fresh engine), route, layout, dtype;
 `--route rank0` measures the route this replaced (gather to rank 0, pickled broadcast).
-exit status 1 when max_abs_diff > 1e-4. With --tp/--ep > 1 it re-launches itself under
+exit status 1 when the criterion's diff > 1e-4. With --tp/--ep > 1 it re-launches itself under
 torchrun (gloo on CPU).
 """
 
@@ -62,16 +67,19 @@ def _check(args) -> int:
 
     parallel = ParallelConfig(tp=args.tp, ep=args.ep)
     initialize(parallel, seed=0)
-    model = build_model(args.hf, parallel, precision=PrecisionConfig(dtype="fp32"),
+    model = build_model(args.hf, parallel, precision=PrecisionConfig(dtype=args.dtype),
                         model=ModelConfig(attention_backend="sdpa"))
     load_hf_weights(model, args.hf)
     vocab = json.loads((Path(args.hf) / "config.json").read_text())["vocab_size"]
     sequences = [[t % vocab for t in s] for s in SEQUENCES]
-    engine = RolloutEngine(args.hf, EngineConfig(dtype="float32",
+    engine = RolloutEngine(args.hf, EngineConfig(dtype=ENGINE_DTYPE[args.dtype],
                                                  external_launcher=dist.get_world_size() > 1))
     before = engine.prompt_logprobs(sequences)
-    ddp = wrap_ddp(model)
-    _one_step(ddp, build_optimizer(ddp, OptimConfig(lr=args.lr)), sequences, vocab)
+    if args.change == "step":
+        ddp = wrap_ddp(model)
+        _one_step(ddp, build_optimizer(ddp, OptimConfig(lr=args.lr)), sequences, vocab)
+    else:
+        _add_noise(model, args.lr)
 
     dist.barrier()
     gc.collect()
@@ -89,9 +97,12 @@ def _check(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         save_hf(model, tmp, assets_dir=args.hf)
-        reload_seconds = time.perf_counter() - start + (
-            _fresh_engine_seconds(tmp) if dist.get_rank() == 0 else 0.0)
+        fresh_seconds, fresh = _fresh_engine(tmp, args.dtype, sequences) \
+            if dist.get_rank() == 0 else (0.0, after)
+        reload_seconds = time.perf_counter() - start
+    disk_diff = max((a - f).abs().max().item() for a, f in zip(after, fresh))
     result = {"max_abs_diff": diffs.max().item(), "mean_abs_diff": diffs.mean().item(),
+              "disk_max_abs_diff": disk_diff, "dtype": args.dtype, "change": args.change,
               "moved": moved, "sync_seconds": sync_seconds, "sync_bytes": stats.bytes,
               "gbytes_per_second": stats.bytes / sync_seconds / 1e9,
               "bucket_bytes": args.bucket_bytes, "peak_extra_rss_bytes": peak_extra,
@@ -101,7 +112,21 @@ def _check(args) -> int:
               "hf": str(args.hf), "tolerance": TOLERANCE}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
-    return int(result["max_abs_diff"] > TOLERANCE)
+    criterion = "max_abs_diff" if args.dtype == "fp32" else "disk_max_abs_diff"
+    return int(result[criterion] > TOLERANCE)
+
+
+ENGINE_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _add_noise(model, scale: float) -> None:
+    """Move every parameter shard by seeded noise of `scale` x its RMS (no optimizer)."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            rms = param.float().pow(2).mean().sqrt().clamp_min(1e-3)
+            param.add_((scale * rms * noise).to(param.dtype))
 
 
 def _rank0_route(model) -> list[tuple[str, torch.Tensor]]:
@@ -155,18 +180,22 @@ def _trainer_logprobs(model, sequences, vocab) -> list[torch.Tensor]:
                 for s in sequences]
 
 
-def _fresh_engine_seconds(model_dir: str) -> float:
-    """Seconds for a new process to start a vLLM engine on `model_dir` and score a prompt."""
-    code = ("import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']='0';"
+def _fresh_engine(model_dir: str, dtype: str, sequences: list[list[int]]
+                  ) -> tuple[float, list[torch.Tensor]]:
+    """(seconds, log-probs of `sequences`) of a new process that starts a vLLM engine on
+    `model_dir` and scores them: the export + reload alternative and its result."""
+    code = ("import os, json; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']='0';"
             "from openr1_mega.rl.rollout import RolloutEngine, EngineConfig;"
-            f"RolloutEngine({model_dir!r}, EngineConfig(dtype='float32'))"
-            ".prompt_logprobs([[1, 2, 3]])")
+            f"e = RolloutEngine({model_dir!r}, EngineConfig(dtype={ENGINE_DTYPE[dtype]!r}));"
+            f"print('LOGPROBS', json.dumps([t.tolist() for t in e.prompt_logprobs({sequences!r})]))")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+    seconds = time.perf_counter() - start
+    line = next(x for x in out.splitlines() if x.startswith("LOGPROBS "))
+    return seconds, [torch.tensor(v) for v in json.loads(line.split(" ", 1)[1])]
 
 
 def _relaunch(world: int, argv: list[str]) -> int:
@@ -185,7 +214,12 @@ def _parse(argv):
     parser.add_argument("--route", choices=("sharded", "rank0"), default="sharded",
                         help="rank0: the old gather-to-rank-0 + pickle broadcast (baseline)")
     parser.add_argument("--lr", type=float, default=1e-2,
-                        help="step size of the weight change (large enough to be seen)")
+                        help="size of the weight change (large enough to be seen)")
+    parser.add_argument("--dtype", choices=sorted(ENGINE_DTYPE), default="fp32",
+                        help="trainer and engine dtype")
+    parser.add_argument("--change", choices=("step", "noise"), default="step",
+                        help="how the weights change before the sync: an Adam step, or "
+                             "noise of --lr x RMS per tensor (no optimizer memory)")
     return parser.parse_args(argv)
 
 

@@ -30,6 +30,14 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(_ATTN_QWEN3, **{**_MOE, "num_experts": 8}, intermediate_size=342,
                       norm_topk_prob=True),
 }
+REAL_SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960,
+                                   num_hidden_layers=28, num_attention_heads=12,
+                                   num_key_value_heads=2, vocab_size=151_936,
+                                   tie_word_embeddings=True, torch_dtype="bfloat16")),
+}
+"""Published models' shapes (Qwen2.5-1.5B's config.json), random weights and the tiny
+tokenizer: benchmarks measure memory and bandwidth at the real size without the hub."""
 _COMMON = dict(num_hidden_layers=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
                rope_theta=1_000_000.0)
 
