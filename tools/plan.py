@@ -1,7 +1,7 @@
 """Will a recipe fit its cluster, and how long will a step take? An analytic planner.
 
     python tools/plan.py --recipe examples/recipes/qwen2.5_72b/grpo.yaml --gpus 32 [--gpu h100]
-        [--rollout-tp 8] [--colocation sleep] [--fused-logprob] [--json out.json]
+        [--rollout-tp 8] [--colocation sleep|resident] [--materialized-logits] [--json out.json]
     python tools/plan.py --validate [--json bench/results/plan_validation.json]
 
 Memory per GPU (GiB = 2^30 bytes), on the pipeline stage that needs the most:
@@ -309,9 +309,10 @@ def recipe_plan_inputs(recipe: Path, mean_completion_frac: float) -> tuple:
     """(arch, layout, workload) of a recipe YAML + the config.json shipped beside it.
 
     Read with plain yaml.safe_load so fields other branches add do not break the planner.
-    The rollout TP is `rollout.tensor_parallel_size` when a recipe sets it, else 1: today
-    every rank drives its own full-model engine (train/policy.py start_engine). The mean
-    completion is `mean_completion_frac` x rollout.max_tokens; prompts half their maximum.
+    The rollout TP is the recipe's `rollout.tp` (engines of that many ranks, rl/engine_groups.py);
+    vLLM sleeps while the trainer runs (colocation "sleep": rl/rollout.py sleep/wake), and the
+    loops' log-probs never form the logits (train/logprobs.py hidden_to_logprobs: fused). The
+    mean completion is `mean_completion_frac` x rollout.max_tokens; prompts half their maximum.
     """
     data = yaml.safe_load(Path(recipe).read_text()) or {}
     config = Path(recipe).parent / "config.json"
@@ -324,7 +325,7 @@ def recipe_plan_inputs(recipe: Path, mean_completion_frac: float) -> tuple:
     lay = Layout(**{k: par[k] for k in ("tp", "pp", "cp", "ep", "etp", "sequence_parallel",
                                         "pp_first_stage_layers", "pp_last_stage_layers")
                     if k in par})
-    lay.gen_tp = roll.get("tensor_parallel_size", 1)
+    lay.gen_tp = roll.get("tp", 1)
     fp8 = (data.get("precision") or {}).get("fp8") is not None
     recompute = model.get("recompute", "none")
     if "grpo" in data:
@@ -335,16 +336,16 @@ def recipe_plan_inputs(recipe: Path, mean_completion_frac: float) -> tuple:
             sequences=grpo.get("prompts_per_step", 16) * roll.get("group_size", 8),
             mean_seq_len=prompt + mean_completion_frac * max_new,
             micro_batch_tokens=grpo.get("micro_batch_tokens", 4096), recompute=recompute,
-            fp8=fp8, logprob_forwards=int(grpo.get("beta", 0) > 0)
+            fp8=fp8, fused_logprob=True, logprob_forwards=int(grpo.get("beta", 0) > 0)
             + int(grpo.get("num_iterations", 1) > 1),
-            rollout=dict(prompt_tokens=prompt, max_new_tokens=max_new, colocation="resident",
+            rollout=dict(prompt_tokens=prompt, max_new_tokens=max_new, colocation="sleep",
                          gpu_memory_utilization=roll.get("gpu_memory_utilization", 0.3)))
     else:
         sft = data.get("sft", {})
         work = Workload(sequences=sft.get("rows_per_step", 8),
                         mean_seq_len=sft.get("seq_length", 512),
                         micro_batch_tokens=sft.get("seq_length", 512), recompute=recompute,
-                        fp8=fp8)
+                        fp8=fp8, fused_logprob=True)
     return arch, lay, work
 
 
@@ -417,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mean-completion-frac", type=float, default=0.5,
                     help="mean completion length as a share of rollout.max_tokens")
     ap.add_argument("--rollout-tp", type=int, help="vLLM tensor parallelism (default: "
-                    "the recipe's rollout.tensor_parallel_size, else 1 as this stack runs)")
-    ap.add_argument("--colocation", choices=("resident", "sleep"), default="resident",
-                    help="resident: engine and trainer hold memory at once (this stack "
-                    "today); sleep: the engine sleeps while the trainer runs")
-    ap.add_argument("--fused-logprob", action="store_true",
-                    help="the log-prob never materialises the logits (ops.fused_linear)")
+                    "the recipe's rollout.tp, else 1)")
+    ap.add_argument("--colocation", choices=("resident", "sleep"), default="sleep",
+                    help="sleep (this stack on GPU): the engine sleeps while the trainer "
+                    "runs; resident: engine and trainer hold memory at once")
+    ap.add_argument("--materialized-logits", action="store_true",
+                    help="plan a log-prob that forms the [tokens, vocab] logits (this "
+                         "stack's loops never do: train/logprobs.py hidden_to_logprobs)")
     ap.add_argument("--validate", action="store_true", help="plan the published runs")
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = ap.parse_args(argv)
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--recipe and --gpus are required (or --validate)")
         arch, lay, work = recipe_plan_inputs(args.recipe, args.mean_completion_frac)
         lay.gen_tp = args.rollout_tp or lay.gen_tp
-        work.fused_logprob = args.fused_logprob
+        work.fused_logprob = not args.materialized_logits
         if work.rollout:
             work.rollout["colocation"] = args.colocation
         result = plan(arch, lay, work, args.gpu, args.gpus)
