@@ -93,6 +93,7 @@ def _exchange_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
         out.append({"totals": scored.table.totals(), "advantages": scored.stats.advantages,
                     "zero_std": int(scored.stats.num_zero_std_groups),
                     "metrics": scored.metrics, "received": sorted(rows),
+                    "moved": len(set(rows) - set(scored.held)),
                     "batches": [{f: getattr(b, f) for f in FIELDS} for b in batches]})
     return out
 
@@ -124,6 +125,8 @@ def _check(results: list[list[dict]], cases: list[dict]) -> None:
     for k, case in enumerate(cases):
         want = _reference(case)
         assert want["zero_std"] >= 1 and len(want["batches"][0]) > 1  # the case bites
+        if case["engine"] < len(results):  # some completions cross engines
+            assert sum(per_case[k]["moved"] for per_case in results) > 0
         for rank, per_case in enumerate(results):
             got = per_case[k]
             assert torch.equal(got["totals"], want["totals"])
