@@ -33,6 +33,7 @@ and `deliver` (collective), with the same prompts and plan.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -140,14 +141,21 @@ def deliver(scored: ScoredRollout, plan: MicroBatchPlan, dp_rank: int, engines: 
     micro-batch) and are rebuilt with the prompt's ids and no text (training reads ids).
     Collective (default group).
     """
-    table, world, me = scored.table, dist.get_world_size(), dist.get_rank()
-    dp_of = _all_gather_ints(dp_rank, device)
+    table, me = scored.table, dist.get_rank()
+    ranks_of = defaultdict(list)  # data-parallel rank -> its global ranks
+    for rank, d in enumerate(_all_gather_ints(dp_rank, device)):
+        ranks_of[d].append(rank)
     trainer = plan.trainer_of(len(table))
-    engine_of = [s // engines.size for s in table.scorer]  # the engine that sampled it
-    sends = [[i for i in range(len(table)) if table.scorer[i] == me and trainer[i] == dp_of[q]
-              and engine_of[i] != q // engines.size] for q in range(world)]
-    receives = [[i for i in range(len(table)) if table.scorer[i] == p and trainer[i] == dp_rank
-                 and engine_of[i] != me // engines.size] for p in range(world)]
+    sends = [[] for _ in range(dist.get_world_size())]  # positions for each rank, ascending
+    receives = [[] for _ in range(dist.get_world_size())]  # positions from each rank
+    for i, scorer in enumerate(table.scorer):
+        engine = scorer // engines.size  # the engine that sampled it holds it
+        if scorer == me:
+            for q in ranks_of[trainer[i]]:
+                if q // engines.size != engine:
+                    sends[q].append(i)
+        if trainer[i] == dp_rank and me // engines.size != engine:
+            receives[scorer].append(i)
     arrived = _move_tokens(scored, sends, receives, device)
     entries = table.entries()
     out = {i: scored.held[i] for i in plan.positions(dp_rank) if i in scored.held}
