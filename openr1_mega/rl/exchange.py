@@ -74,12 +74,15 @@ class CompletionTable:
     scorer: list[int]
 
     def __len__(self) -> int:
+        """B, the completions of the whole step."""
         return self.rows.shape[0]
 
     def column(self, name: str) -> torch.Tensor:
+        """[B] float64 values of one of TABLE_COLUMNS."""
         return self.rows[:, TABLE_COLUMNS.index(name)]
 
     def entries(self) -> list[TableEntry]:
+        """Each completion's metadata as Python values, in batch order."""
         cols = [self.column(n).long().tolist() for n in
                 ("prompt_index", "prompt_length", "completion_length", "truncated")]
         return [TableEntry(p, lp, lc, bool(t)) for p, lp, lc, t in zip(*cols)]
