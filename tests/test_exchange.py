@@ -64,13 +64,14 @@ def _rewards() -> RewardSet:
     return RewardSet.from_spec(SPEC, params=PARAMS, timeout=None)
 
 
-def _forbid_object_collectives(monkeypatch_target=dist) -> None:
+def _forbid_object_collectives() -> None:
+    """Inside a worker: any object collective raises (the exchange must use tensors)."""
     def refuse(*_a, **_k):
         raise AssertionError("an object collective ran")
 
     for name in ("all_gather_object", "broadcast_object_list", "gather_object",
                  "scatter_object_list"):
-        setattr(monkeypatch_target, name, refuse)
+        setattr(dist, name, refuse)
 
 
 def _plan_kwargs(case: dict) -> dict:
