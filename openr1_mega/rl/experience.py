@@ -11,10 +11,15 @@ needed; micro-batches group completions of similar length to waste few padded to
 S is rounded up to `width_multiple` (sequence/context parallelism split the sequence across
 ranks); the extra columns are padding with mask 0, so they never reach the loss or metrics.
 Tensors are built on `device`, the model's.
+Planning (`plan_micro_batches`, from lengths only) is apart from building
+(`build_micro_batches`, from the completions a rank holds), so that a data-parallel rank
+receives only its own completions (rl/exchange.py) and still builds what planning over the
+whole batch on every rank would give it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,29 +42,54 @@ class MicroBatch:
     """Positions of the real rows in the rollout batch (empty rows come after them)."""
 
 
-def micro_batches(completions: list[Completion], advantages: torch.Tensor, token_budget: int,
-                  pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1,
-                  *, width_multiple: int = 1, uniform: bool = False,
-                  device: torch.device | str = "cpu") -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of at most `token_budget` padded tokens.
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """Which completions form which micro-batch, for every data-parallel rank at once.
 
-    The plan is made over the whole batch, identically on every rank: completions sorted
-    by length are grouped so that each group, split round-robin over the `world` ranks,
-    fits the budget per rank. Every rank then runs the same number of micro-batches with
-    the same shapes (short slices get empty rows, mask 0), which MoE expert parallelism
-    needs: its token dispatch is a collective inside every forward. With `uniform` (pipeline
-    parallelism: stages exchange one fixed activation shape) every micro-batch has the
-    same [rows, width]: the step's longest width and as many rows as fit the budget.
-    Raises ValueError when a single completion is longer than the budget.
+    Made from lengths alone, so every rank computes the same plan from the step's metadata
+    (rl/exchange.py) before it holds any completion. Positions index the rollout batch.
     """
-    lengths = [round_up(len(c.prompt_ids) + len(c.completion_ids), width_multiple)
-               for c in completions]
+
+    groups: list[list[int]]
+    """Batch positions of each micro-batch over all ranks; rank r takes group[r::world]."""
+    shapes: list[tuple[int, int]]
+    """(rows, width) of each micro-batch, the same on every rank."""
+    world: int
+    """Data-parallel ranks the plan is dealt to."""
+
+    def positions(self, rank: int) -> list[int]:
+        """Batch positions data-parallel `rank` trains on, ascending."""
+        return sorted(i for group in self.groups for i in group[rank::self.world])
+
+    def trainer_of(self, num_completions: int) -> list[int]:
+        """The data-parallel rank that trains each batch position, [num_completions]."""
+        owner = [-1] * num_completions
+        for group in self.groups:
+            for k, i in enumerate(group):
+                owner[i] = k % self.world
+        return owner
+
+
+def plan_micro_batches(lengths: Sequence[int], token_budget: int, world: int = 1, *,
+                       width_multiple: int = 1, uniform: bool = False) -> MicroBatchPlan:
+    """Plan micro-batches of at most `token_budget` padded tokens per rank.
+
+    `lengths` are prompt + completion tokens of each completion of the whole batch. The
+    completions sorted by length are grouped so that each group, split round-robin over the
+    `world` ranks, fits the budget per rank. Every rank then runs the same number of
+    micro-batches with the same shapes (short slices get empty rows, mask 0), which MoE
+    expert parallelism needs: its token dispatch is a collective inside every forward. With
+    `uniform` (pipeline parallelism: stages exchange one fixed activation shape) every
+    micro-batch has the same [rows, width]: the step's longest width and as many rows as fit
+    the budget. Raises ValueError when a single completion is longer than the budget.
+    """
+    lengths = [round_up(n, width_multiple) for n in lengths]
     too_long = [i for i, n in enumerate(lengths) if n > token_budget]
     if too_long:
         raise ValueError(f"completion {too_long[0]} has {lengths[too_long[0]]} tokens (padded "
                          f"to a multiple of {width_multiple}) > "
                          f"grpo.micro_batch_tokens={token_budget}")
-    order = sorted(range(len(completions)), key=lambda i: lengths[i])
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     if uniform:
         width = max(lengths)
         per_rank = token_budget // width
@@ -68,14 +98,42 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
     else:
         groups = _budget_groups(order, lengths, token_budget, world)
         shapes = [(-(-len(g) // world), max(lengths[j] for j in g)) for g in groups]
+    return MicroBatchPlan(groups, shapes, world)
+
+
+def build_micro_batches(plan: MicroBatchPlan, rows: Mapping[int, Completion],
+                        advantages: torch.Tensor, pad_id: int, mask_truncated: bool = False,
+                        rank: int = 0, device: torch.device | str = "cpu") -> list[MicroBatch]:
+    """Data-parallel `rank`'s micro-batches of `plan`, from the completions it holds.
+
+    `rows` maps batch position -> completion and must hold every position the plan gives
+    this rank (other entries are ignored); `advantages` [B] covers the whole batch.
+    """
+    missing = [i for i in plan.positions(rank) if i not in rows]
+    if missing:
+        raise ValueError(f"data-parallel rank {rank} lacks completions {missing[:5]} "
+                         f"({len(missing)} of its share) to build its micro-batches")
     advantages = advantages.to(device=device, dtype=torch.float32)
     batches = []
-    for group, (rows, width) in zip(groups, shapes):
-        mine = group[rank::world]
-        batches.append(_collate([completions[i] for i in mine], advantages[mine],
+    for group, (num_rows, width) in zip(plan.groups, plan.shapes):
+        mine = group[rank::plan.world]
+        batches.append(_collate([rows[i] for i in mine], advantages[mine],
                                 torch.tensor(mine, dtype=torch.long, device=device), pad_id,
-                                mask_truncated, num_rows=rows, width=width, device=device))
+                                mask_truncated, num_rows=num_rows, width=width, device=device))
     return batches
+
+
+def micro_batches(completions: list[Completion], advantages: torch.Tensor, token_budget: int,
+                  pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1,
+                  *, width_multiple: int = 1, uniform: bool = False,
+                  device: torch.device | str = "cpu") -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches when every rank holds the whole batch:
+    `plan_micro_batches` over all completions, then `build_micro_batches`."""
+    plan = plan_micro_batches([len(c.prompt_ids) + len(c.completion_ids) for c in completions],
+                              token_budget, world, width_multiple=width_multiple,
+                              uniform=uniform)
+    return build_micro_batches(plan, dict(enumerate(completions)), advantages, pad_id,
+                               mask_truncated, rank, device)
 
 
 def _budget_groups(order: list[int], lengths: list[int], token_budget: int, world: int

@@ -1,43 +1,52 @@
 """Held-out accuracy during training, from the live vLLM engines (no export round trip).
 
-Two numbers, both scored by the accuracy reward on rank 0 (every rank receives them):
+Two numbers, both scored by the accuracy reward (every rank receives them):
   eval/accuracy          pass@1 = mean accuracy over `grpo.eval_samples` samples per problem
                          at `grpo.eval_temperature` (open-r1/lighteval: 0.6), the R1 metric
   eval/accuracy_greedy   one greedy completion per problem
-Generation is split over the ranks' engines like the rollouts.
+Generation is split over the engine groups like the rollouts; each rank of an engine scores
+a round-robin share of its engine's completions, and the correct counts are all-reduced as
+one tensor (sums of 0/1 scores: exact, whatever the layout).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from openr1_mega.rl.types import SamplingConfig
-from openr1_mega.train.policy import generate_shared
 
 
 def accuracy_on(ctx, engine, rows: list[dict], r, recipe) -> dict[str, float]:
-    """Held-out pass@1 (sampled) and greedy accuracy on `rows`; {} when there are none."""
+    """Held-out pass@1 (sampled) and greedy accuracy on `rows`; {} when there are none.
+    Collective (default group)."""
     if not rows:
         return {}
     g = recipe.grpo
-    sampled = SamplingConfig(n=g.eval_samples, temperature=g.eval_temperature, top_p=r.top_p,
-                             max_tokens=r.max_tokens, stop=tuple(r.stop), seed=recipe.run.seed)
-    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens, stop=tuple(r.stop))
-    prompts = [row["prompt_ids"] for row in rows]
-    results = {"eval/accuracy": generate_shared(engine, prompts, sampled),
-               "eval/accuracy_greedy": generate_shared(engine, prompts, greedy)}
-    payload = [None]
-    if ctx.is_rank0:
-        payload = [{k: _mean_accuracy(v, rows, recipe.data.answer_field)
-                    for k, v in results.items()}]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+    runs = {"eval/accuracy": SamplingConfig(n=g.eval_samples, temperature=g.eval_temperature,
+                                            top_p=r.top_p, max_tokens=r.max_tokens,
+                                            stop=tuple(r.stop), seed=recipe.run.seed),
+            "eval/accuracy_greedy": SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_tokens,
+                                                   stop=tuple(r.stop))}
+    mine = ctx.engines.prompt_indices(len(rows))
+    counts = []
+    for params in runs.values():
+        completions = engine.generate([rows[i]["prompt_ids"] for i in mine], params,
+                                      indices=mine)
+        share = completions[ctx.engines.rank::ctx.engines.size]
+        counts += [_correct(share, rows, recipe.data.answer_field), len(share)]
+    counts = torch.tensor(counts, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(counts)
+    return {key: float(counts[2 * k] / counts[2 * k + 1]) for k, key in enumerate(runs)}
 
 
-def _mean_accuracy(completions, rows, answer_field: str) -> float:
+def _correct(completions, rows, answer_field: str) -> float:
+    """How many of `completions` the accuracy reward accepts (None counts as wrong)."""
+    if not completions:
+        return 0.0
     from openr1_mega.rl.rewards import get_reward
 
     scores = get_reward("accuracy")([c.text for c in completions],
                                     answer=[rows[c.prompt_index][answer_field]
                                             for c in completions])
-    return sum(s or 0.0 for s in scores) / len(completions)
+    return float(sum(s or 0.0 for s in scores))

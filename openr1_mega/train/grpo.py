@@ -2,12 +2,15 @@
 
 Each step (Shao et al. 2024, DeepSeekMath; with DAPO's clip-higher and loss options):
   1. take `prompts_per_step` prompts (order fixed by (seed, step): resumable);
-  2. every rank's colocated vLLM engine samples G completions for its share of the
-     prompts; all ranks receive the completions, rank 0 scores them with the recipe's
-     rewards (weighted sum) and broadcasts the rewards;
-  3. group-normalised advantages (ops.grpo_advantage); each data-parallel rank takes its
-     share of completions, packed into token-budgeted micro-batches on the model's device,
-     their widths padded to what sequence/context parallelism needs (rl/experience.py);
+  2. each vLLM engine group (rl/engine_groups.py) samples G completions for its share of
+     the prompts; the ranks of an engine score its completions with the recipe's rewards
+     (weighted sum), a per-completion metadata table is all-gathered as tensors, and every
+     rank derives the whole batch's rewards metrics and group-normalised advantages
+     (ops.grpo_advantage) from it (rl/exchange.py);
+  3. micro-batches are planned over the whole batch's lengths (token budget, widths padded
+     to what sequence/context parallelism needs; rl/experience.py); each data-parallel rank
+     receives only its own completions' tokens and sampler log-probs (all_to_all) and
+     builds its micro-batches on the model's device;
   4. old log-probs (only when num_iterations > 1) and reference log-probs (only when
      beta > 0) by forward-only passes through the pipeline schedule; then num_iterations
      optimizer steps on the policy loss (GrpoLoss -> rl/losses.py) with global
@@ -31,12 +34,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from openr1_mega import ops
 from openr1_mega.config.load import load_config, to_dict
 from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 from openr1_mega.config.train import DataConfig, GrpoConfig, OptimConfig, RolloutConfig, RunConfig
 from openr1_mega.models.hidden import forward_hidden
-from openr1_mega.rl.experience import micro_batches
 from openr1_mega.rl.losses import policy_loss
 from openr1_mega.train import dry_run
 from openr1_mega.train import policy as policy_lib
@@ -50,7 +51,6 @@ from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
     scaled_loss,
-    sequence_multiple,
     train_step,
 )
 from openr1_mega.utils.logging import MetricsLogger
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     g, r = recipe.grpo, recipe.rollout
     ctx = policy_lib.setup(recipe)
     rows = policy_lib.prompt_rows(recipe, ctx.tokenizer)
-    rewards = policy_lib.reward_set(g) if ctx.is_rank0 else None
+    rewards = policy_lib.reward_set(g)  # every rank scores its engine's share
     ref_model = policy_lib.reference_model(recipe) if g.beta > 0 else None
     start = policy_lib.resume(ctx, recipe.run) if args.resume else 0
     engine = policy_lib.start_engine(ctx, recipe)
@@ -98,19 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
         timer = {"start": time.perf_counter()}
         prompts = policy_lib.items_for_step(rows.train, step, g.prompts_per_step,
                                               recipe.run.seed)
-        completions, totals, reward_metrics = policy_lib.rollout_and_score(  # collective
-            ctx, engine, rewards, prompts, r, step, recipe.run.seed)
+        completions = policy_lib.sample(ctx, engine, prompts, r, step,  # collective (engine)
+                                        recipe.run.seed)
         timer["rollout"] = time.perf_counter()
+        scored, batches = policy_lib.rollout_and_score(  # collective
+            ctx, rewards, prompts, completions, g, r)
+        timer["rewards"] = time.perf_counter()
 
-        stats = ops.grpo_advantage_stats(totals, group_size=r.group_size,
-                                         scale=g.advantage_scale)
-        batches = micro_batches(completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id,
-                                g.mask_truncated_completions, ps.get_data_parallel_rank(),
-                                ps.get_data_parallel_world_size(),
-                                width_multiple=sequence_multiple(ctx.model),
-                                uniform=ps.get_pipeline_model_parallel_world_size() > 1,
-                                device=ctx.device)
-        loss = GrpoLoss.for_step(g, r, ctx.vocab_size, len(completions), batches)  # collective
+        loss = GrpoLoss.for_step(g, r, ctx.vocab_size, len(scored.table), batches)  # collective
         old = loss.logprobs(ctx.ddp, batches) if g.num_iterations > 1 else None  # collective
         ref = loss.logprobs(ref_model, batches) if ref_model else None  # collective
         timer["logprobs"] = time.perf_counter()
@@ -121,12 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
             step_metrics = train_step(ctx.ddp, ctx.optimizer, items, loss.forward_step,  # coll.
                                       lr=lr, metric_names=loss.metric_names,
                                       shape=_plan_shape(batches))
-            guard.check(step, step_metrics, completion_ids(prompts, completions))
+            guard.check(step, step_metrics, completion_ids(prompts, scored.table.entries()))
         timer["train"] = time.perf_counter()
 
         sync = policy_lib.sync_engine(ctx, engine)  # collective
         timer["sync"] = time.perf_counter()
-        last = _log_row(step_metrics, reward_metrics, stats, completions, timer, sync, r)
+        last = _log_row(step_metrics, scored, timer, sync, r)
         if g.eval_every and (step + 1) % g.eval_every == 0 or step + 1 == g.steps:
             last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))  # collective
         if ctx.is_rank0 and step % recipe.run.log_every == 0 or step + 1 == g.steps:
@@ -237,18 +232,21 @@ def _global_tokens(batches: list) -> float:
     return max(float(local), 1.0)
 
 
-def _log_row(step_metrics, reward_metrics, stats, completions, timer, sync, r) -> dict:
-    lengths = torch.tensor([len(c.completion_ids) for c in completions], dtype=torch.float32)
+def _log_row(step_metrics, scored, timer, sync, r) -> dict:
+    """The step's metrics; lengths from the scored step's table (the whole batch)."""
+    entries = scored.table.entries()
+    lengths = torch.tensor([e.completion_length for e in entries], dtype=torch.float32)
     seconds = timer["sync"] - timer["start"]
-    tokens = sum(len(c.prompt_ids) + len(c.completion_ids) for c in completions)
+    tokens = sum(e.prompt_length + e.completion_length for e in entries)
     return {
-        **step_metrics, **reward_metrics,
+        **step_metrics, **scored.metrics,
         "completion_length/mean": float(lengths.mean()),
         "completion_length/max": float(lengths.max()),
         "completion_length/clipped_fraction": float((lengths >= r.max_tokens).float().mean()),
-        "advantage/zero_std_groups": float(stats.num_zero_std_groups),
+        "advantage/zero_std_groups": float(scored.stats.num_zero_std_groups),
         "time/rollout": timer["rollout"] - timer["start"],
-        "time/logprobs": timer["logprobs"] - timer["rollout"],
+        "time/rewards": timer["rewards"] - timer["rollout"],
+        "time/logprobs": timer["logprobs"] - timer["rewards"],
         "time/train": timer["train"] - timer["logprobs"],
         "time/sync": timer["sync"] - timer["train"],
         "sync/seconds": sync, "tokens_per_second": tokens / max(seconds, 1e-9),

@@ -22,9 +22,18 @@ from openr1_mega.checkpoint.model_dir import load_tokenizer
 from openr1_mega.data.prompts import load_rows, tokenize_prompts
 from openr1_mega.models.build import build_model
 from openr1_mega.parallel.init import initialize
+from openr1_mega.rl import exchange
+from openr1_mega.rl.engine_groups import EngineGroups
+from openr1_mega.rl.exchange import ScoredRollout
+from openr1_mega.rl.experience import build_micro_batches, plan_micro_batches
 from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 from openr1_mega.rl.types import Completion, SamplingConfig
-from openr1_mega.train.step import build_optimizer, default_device, wrap_ddp
+from openr1_mega.train.step import (
+    build_optimizer,
+    default_device,
+    sequence_multiple,
+    wrap_ddp,
+)
 
 
 @dataclass
@@ -41,6 +50,8 @@ class Context:
     model_dir: Path
     device: torch.device
     """Where the model lives: every tensor handed to it, the loss or a collective goes here."""
+    engines: EngineGroups
+    """This rank's vLLM engine group (which prompts it samples, whom it shares them with)."""
 
 
 @dataclass
@@ -59,7 +70,8 @@ def setup(recipe) -> Context:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Context(model=model, ddp=ddp, optimizer=build_optimizer(ddp, recipe.optim),
                    tokenizer=tokenizer, vocab_size=_hf_vocab_size(model_dir), pad_id=pad,
-                   is_rank0=dist.get_rank() == 0, model_dir=model_dir, device=default_device())
+                   is_rank0=dist.get_rank() == 0, model_dir=model_dir, device=default_device(),
+                   engines=EngineGroups.split(1))
 
 
 def reference_model(recipe) -> torch.nn.Module:
@@ -146,43 +158,38 @@ def sampling(r, seed: int) -> SamplingConfig:
                           max_tokens=r.max_tokens, stop=tuple(r.stop), seed=seed)
 
 
-def rollout_and_score(ctx: Context, engine, rewards, prompts: list[dict], r, step: int,
-                      seed: int) -> tuple[list[Completion], torch.Tensor, dict]:
-    """Every rank samples its share of prompts; rank 0 scores the gathered batch; every
-    rank receives (completions in prompt order, reward totals [B], reward metrics)."""
-    completions = generate_shared(engine, [p["prompt_ids"] for p in prompts], sampling(r, seed),
-                                  step)
-    payload = [None]
-    if ctx.is_rank0:
-        totals, _, metrics = rewards(*_reward_inputs(completions, prompts))
-        payload = [(totals, {f"reward/{k}": v for k, v in metrics.items()})]
-    dist.broadcast_object_list(payload, src=0)
-    totals, metrics = payload[0]
-    return completions, torch.tensor(totals, dtype=torch.float32), metrics
+def sample(ctx: Context, engine, prompts: list[dict], r, step: int, seed: int
+           ) -> list[Completion]:
+    """This rank's engine samples G completions for each of its engine's prompts (every rank
+    of an engine receives the same list, grouped by prompt). Collective inside the engine."""
+    mine = ctx.engines.prompt_indices(len(prompts))
+    return engine.generate([prompts[i]["prompt_ids"] for i in mine], sampling(r, seed),
+                           step=step, indices=mine)
 
 
-def generate_shared(engine, prompt_ids: list[list[int]], params: SamplingConfig,
-                    step: int = 0) -> list[Completion]:
-    """Each rank's engine samples a round-robin share of the prompts; every rank gets all
-    completions back in prompt order (the same completions one engine would sample)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = list(range(rank, len(prompt_ids), world))
-    local = engine.generate([prompt_ids[i] for i in mine], params, step=step, indices=mine)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local)
-    return sorted((c for part in gathered for c in part), key=lambda c: c.prompt_index)
+def rollout_and_score(ctx: Context, rewards, prompts: list[dict], completions: list[Completion],
+                      g, r) -> tuple[ScoredRollout, list]:
+    """Score this engine's completions where they are, then hand this data-parallel rank its
+    micro-batches (rl/exchange.py: tensors only, each DP rank receives its own share).
 
-
-def _reward_inputs(completions: list[Completion], prompts: list[dict]):
-    """Completion texts and the per-completion dataset columns the rewards read."""
-    columns = {k: [prompts[c.prompt_index][k] for c in completions]
-               for k in prompts[0] if k != "prompt_ids"}
-    columns["completion_lengths"] = [len(c.completion_ids) for c in completions]
-    return [c.text for c in completions], columns
+    Returns (the scored step: metadata table of the whole batch, advantage stats, reward
+    metrics with a `reward/` prefix; this rank's micro-batches). Collective.
+    """
+    scored = exchange.score(completions, prompts, ctx.engines, rewards, r.group_size,
+                            g.advantage_scale, device=ctx.device)
+    scored.metrics = {f"reward/{k}": v for k, v in scored.metrics.items()}
+    dp_rank = ps.get_data_parallel_rank()
+    plan = plan_micro_batches(scored.table.lengths(), g.micro_batch_tokens,
+                              ps.get_data_parallel_world_size(),
+                              width_multiple=sequence_multiple(ctx.model),
+                              uniform=ps.get_pipeline_model_parallel_world_size() > 1)
+    rows = exchange.deliver(scored, plan, dp_rank, ctx.engines, prompts, device=ctx.device)
+    return scored, build_micro_batches(plan, rows, scored.stats.advantages, ctx.pad_id,
+                                       g.mask_truncated_completions, dp_rank, ctx.device)
 
 
 def data_parallel_share(count: int) -> list[int]:
-    """Indices of the completions this data-parallel rank trains on (round robin)."""
+    """Indices of the items this data-parallel rank trains on (round robin; SFT rows)."""
     rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     return list(range(rank, count, size))
 

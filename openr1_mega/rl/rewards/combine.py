@@ -188,7 +188,7 @@ def _bounded(reward_set: RewardSet, reward: Reward, completions: list[str],
                                             errors=len(completions))
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     mean = sum(values) / len(values)
@@ -199,7 +199,7 @@ def _metrics(name: str, outcome: Outcome, seconds: float,
              extra: dict[str, float]) -> dict[str, float]:
     values = outcome.values
     present = [v for v in values if v is not None]
-    mean, std = _mean_std(present)
+    mean, std = mean_std(present)
     skipped = len(values) - len(present)
     metrics = {"mean": mean, "std": std, "skipped": float(skipped),
                "skipped_frac": skipped / len(values) if values else 0.0,
@@ -237,5 +237,5 @@ def compute_rewards(reward_set: RewardSet, completions: list[str],
         extra = {} if outcome.deadline_misses else reward.take_metrics()
         metrics.update(_metrics(reward.name, outcome, seconds, extra))
         totals = [t + weight * v if v is not None else t for t, v in zip(totals, values)]
-    metrics["total/mean"], metrics["total/std"] = _mean_std(totals)
+    metrics["total/mean"], metrics["total/std"] = mean_std(totals)
     return totals, per_reward, metrics
