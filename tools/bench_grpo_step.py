@@ -29,7 +29,8 @@ Per side, over the steps after the first (a warm-up, skipped when --steps > 1):
 Sequence lengths: TRL's are exact (its masks); ours are each prompt's exact length plus the
 step's mean completion length (the rows hold the mean), exact in the linear terms.
 Prints one JSON line {ours, trl, ratio, cpu, command}; ratio.trained_tokens_per_second is
-ours / TRL, ratio.step_seconds is TRL's step seconds / ours.
+ours / TRL, ratio.step_seconds is TRL's step seconds / ours. The 1-minute load average before
+and after each side is recorded: on a shared machine it says how far the two sides compare.
 """
 
 from __future__ import annotations
@@ -296,14 +297,20 @@ def main(argv: list[str] | None = None) -> dict:
         recipe = load_recipe(args, model)
         dtype = recipe.precision.dtype
         peak_before = peaks(dtype) if is_rank0() else None
+        load = {"ours": [os.getloadavg()[0]]}
         rows = run_ours(args, model, work / "ours")
         if not is_rank0():
             return {}
+        load["ours"].append(os.getloadavg()[0])
         prompts = step_prompts(recipe, args.steps)
-        trl = run_trl(args, trl_spec(recipe, prompts, args.steps), work) \
-            if args.peer == "trl" else None
+        trl = None
+        if args.peer == "trl":
+            load["trl"] = [os.getloadavg()[0]]
+            trl = run_trl(args, trl_spec(recipe, prompts, args.steps), work)
+            load["trl"].append(os.getloadavg()[0])
         peak = best_peak(peak_before, peaks(dtype))
         result = report(args, recipe, model, rows, prompts, trl, peak)
+        result["load_average_1min_before_after"] = load
     print(json.dumps(result), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

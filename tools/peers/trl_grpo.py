@@ -160,8 +160,7 @@ def grpo_config(spec: dict, out_dir: str, use_vllm: bool) -> GRPOConfig:
         adam_beta2=spec["adam_beta2"], seed=spec["seed"], shuffle_dataset=False,
         use_cpu=not torch.cuda.is_available(), bf16=False, logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3,
-        model_init_kwargs={"dtype": torch.float32})
+        use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
 
 
 def run(spec: dict, out_dir: str) -> dict:
