@@ -14,7 +14,8 @@ old/ref log-probs), time/train, time/sync; other time/* keys count as other.
 TRL (--peer trl): tools/peers/trl_grpo.py in .venv-peers (`make bench-peers`) runs GRPOTrainer
 on the same HF directory, the same prompts in the same order (each step's, rendered by the
 same chat template, checked token for token), group size, max tokens, temperature, top-p,
-loss type, beta, epsilons, learning rate and accuracy reward, one optimizer step per rollout.
+loss type, beta, epsilons, learning rate and accuracy reward, one optimizer step per rollout,
+trained in micro-batches of about grpo.micro_batch_tokens padded tokens (as ours are).
 
 Per side, over the steps after the first (a warm-up, skipped when --steps > 1):
   phase seconds and share of the step (shares sum to 1);
@@ -47,10 +48,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from openr1_mega.utils.flops import train_step_flops  # noqa: E402
+from openr1_mega.utils.flops import train_step_flops
 
 DEMO_RECIPE = ROOT / "examples" / "recipes" / "demo" / "grpo.yaml"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+PEAK_REPEATS = 10  # best of many: on a shared CPU a single matmul often runs slowed down
 PHASES = ("rollout", "rewards", "logprobs", "train", "sync", "other")
 # Held-out evaluation runs outside the timed phases, but it costs wall time: keep it tiny.
 BENCH_OVERRIDES = ("data.num_eval=1", "grpo.eval_samples=1", "grpo.eval_every=0",
@@ -204,19 +206,34 @@ def our_records(rows: list[dict], prompts: list[list[dict]], group_size: int) ->
 def trl_spec(recipe, prompts: list[list[dict]], steps: int) -> dict:
     """The settings tools/peers/trl_grpo.py applies; fails on what TRL cannot reproduce."""
     g, r, o = recipe.grpo, recipe.rollout, recipe.optim
-    if set(g.rewards) != {"accuracy"} or g.num_iterations != 1 or r.stop:
-        raise ValueError(f"--peer trl: needs grpo.rewards={{accuracy: w}}, grpo.num_iterations=1 "
-                         f"and no rollout.stop (got rewards={g.rewards}, num_iterations="
-                         f"{g.num_iterations}, stop={r.stop})")
+    recompute = recipe.model.recompute
+    if set(g.rewards) != {"accuracy"} or g.num_iterations != 1 or r.stop \
+            or recompute == "selective":
+        raise ValueError(f"--peer trl: needs grpo.rewards={{accuracy: w}}, grpo.num_iterations=1, "
+                         f"no rollout.stop and model.recompute none or full (got rewards="
+                         f"{g.rewards}, num_iterations={g.num_iterations}, stop={r.stop}, "
+                         f"recompute={recompute})")
     return {"model": str(recipe.model.path), "prompts": prompts, "steps": steps,
             "prompts_per_step": g.prompts_per_step, "group_size": r.group_size,
             "max_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p,
             "loss_type": g.loss_type, "beta": g.beta, "eps_low": g.eps_low,
             "eps_high": g.eps_high, "scale_rewards": g.advantage_scale,
             "mask_truncated_completions": g.mask_truncated_completions,
+            "gradient_checkpointing": recompute == "full",
+            "micro_batch_size": trl_micro_batch(prompts, g.prompts_per_step * r.group_size,
+                                                g.micro_batch_tokens, r.max_tokens),
             "reward_params": g.reward_params.get("accuracy", {}), "lr": o.lr,
             "clip_grad": o.clip_grad, "weight_decay": o.weight_decay,
             "adam_beta1": o.adam_beta1, "adam_beta2": o.adam_beta2, "seed": recipe.run.seed}
+
+
+def trl_micro_batch(prompts: list[list[dict]], completions: int, token_budget: int,
+                    max_tokens: int) -> int:
+    """Sequences per TRL micro-batch: the largest divisor of the step's completions whose
+    padded [rows, longest prompt + max_tokens] batch fits grpo.micro_batch_tokens, as ours do."""
+    width = max(len(p["prompt_ids"]) for step in prompts for p in step) + max_tokens
+    rows = max(1, token_budget // width)
+    return max(d for d in range(1, completions + 1) if completions % d == 0 and d <= rows)
 
 
 def run_trl(args: argparse.Namespace, spec: dict, work: Path) -> dict:
@@ -275,10 +292,10 @@ def peaks(dtype: str) -> dict:
     if torch.cuda.is_available():
         peak = machine_peak(dtype)
         return {"tflops": peak.tflops, "source": peak.source}
-    measured = measured_peaks("cpu")
+    measured = measured_peaks("cpu", repeats=PEAK_REPEATS)
     return {"tflops": measured[f"perf/peak_{dtype}_tflops"],
-            "source": f"measured cpu {dtype} matmul n=1024, torch threads "
-                      f"{torch.get_num_threads()}",
+            "source": f"measured cpu {dtype} matmul n=1024, best of {PEAK_REPEATS}, torch "
+                      f"threads {torch.get_num_threads()}",
             "fp32_tflops": measured["perf/peak_fp32_tflops"],
             "bf16_tflops": measured["perf/peak_bf16_tflops"]}
 

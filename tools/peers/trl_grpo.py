@@ -5,10 +5,12 @@ never in the main one. The bench writes a spec (JSON) naming the HF model direct
 prompts of every step in order (chat-rendered text, its token ids and the gold answer), and
 the recipe's settings; this script trains `steps` optimizer steps, one per rollout:
 
-  per_device_train_batch_size = prompts_per_step x G, gradient_accumulation_steps = 1,
-  num_generations = G, num_iterations = 1, shuffle_dataset = False (step k sees step k's
+  one generation batch of prompts_per_step x G completions, trained in micro-batches of
+  micro_batch_size sequences (gradient_accumulation_steps = steps_per_generation = the
+  number of micro-batches, so one rollout feeds one optimizer step), num_generations = G, num_iterations = 1, shuffle_dataset = False (step k sees step k's
   prompts, each repeated G times, exactly as our loop does), beta, epsilon, epsilon_high,
-  loss_type, temperature, top_p, max_completion_length and the learning rate of the recipe;
+  loss_type, temperature, top_p, max_completion_length and the learning rate of the recipe,
+  gradient checkpointing only where the recipe recomputes (TRL's default is on);
   the reward is openr1_mega's own accuracy reward (rl/rewards imports without Megatron).
 
 Generation: TRL's vLLM colocate mode when `vllm` imports here and the engine starts, else
@@ -45,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # openr1_mega's rewards
-from openr1_mega.rl.rewards import get_reward  # noqa: E402
+from openr1_mega.rl.rewards import get_reward
 
 
 class TimedGRPOTrainer(GRPOTrainer):
@@ -146,16 +148,19 @@ def generation_backend() -> tuple[bool, str]:
 
 def grpo_config(spec: dict, out_dir: str, use_vllm: bool) -> GRPOConfig:
     """GRPOConfig for one optimizer step per rollout of prompts_per_step x G completions."""
-    batch = spec["prompts_per_step"] * spec["group_size"]
+    batch, micro = spec["prompts_per_step"] * spec["group_size"], spec["micro_batch_size"]
+    if batch % micro:
+        raise ValueError(f"micro_batch_size={micro} must divide the step's {batch} completions")
     return GRPOConfig(
-        output_dir=out_dir, max_steps=spec["steps"], per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, num_generations=spec["group_size"], num_iterations=1,
+        output_dir=out_dir, max_steps=spec["steps"], per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro, steps_per_generation=batch // micro,
+        num_generations=spec["group_size"], num_iterations=1,
         max_completion_length=spec["max_tokens"], temperature=spec["temperature"],
         top_p=spec["top_p"], loss_type=spec["loss_type"], beta=spec["beta"],
         epsilon=spec["eps_low"], epsilon_high=spec["eps_high"],
         scale_rewards=spec["scale_rewards"],
         mask_truncated_completions=spec["mask_truncated_completions"],
-        learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=spec["clip_grad"],
+        gradient_checkpointing=spec["gradient_checkpointing"], learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=spec["clip_grad"],
         weight_decay=spec["weight_decay"], adam_beta1=spec["adam_beta1"],
         adam_beta2=spec["adam_beta2"], seed=spec["seed"], shuffle_dataset=False,
         use_cpu=not torch.cuda.is_available(), bf16=False, logging_steps=1, save_strategy="no",
