@@ -1,7 +1,7 @@
 """tools/bench_grpo_step.py: phase shares, tokens/s from the metrics rows, and the train FLOPs
 against a hand count. Our side only (TRL is an optional peer that `make test` never needs).
 
-The cheap tests feed synthetic metrics rows; the slow one runs 2 real GRPO steps (vLLM
+The cheap tests feed synthetic metrics rows; the last one runs 2 real GRPO steps (vLLM
 rollouts, Megatron training) of the tiny dense recipe on a tiny Qwen2 made in tmp_path and
 checks the bench's numbers against that run's own metrics.jsonl.
 """
@@ -87,7 +87,6 @@ def test_the_trl_peer_names_what_it_cannot_run(tmp_path):
         bench.run_trl(args, {}, tmp_path)
 
 
-@pytest.mark.slow
 def test_two_real_steps_match_their_metrics_rows(tmp_path):
     model = write_tiny_model(tmp_path / "model", "qwen2")
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]

@@ -169,27 +169,29 @@ def grpo_config(spec: dict, out_dir: str, use_vllm: bool) -> GRPOConfig:
 
 
 def run(spec: dict, out_dir: str) -> dict:
-    """Train spec["steps"] steps; returns the per-step records and the generation backend."""
+    """Train spec["steps"] steps; returns the per-step records and the generation backend.
+
+    With vllm importable, TRL's colocate mode is tried first; if it fails (to start, or in
+    its weight sync during the first step) the run starts over with transformers generation
+    and the result says why."""
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dataset = prompt_dataset(spec, tokenizer)
     use_vllm, backend = generation_backend()
-    clock = StepClock()
-    for attempt in ((True, backend), (False, None)) if use_vllm else ((False, backend),):
+    for attempt in (True, False) if use_vllm else (False,):
+        clock = StepClock()
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-            trainer = TimedGRPOTrainer(
-                model=model, processing_class=tokenizer,
-                reward_funcs=[accuracy_reward(spec["reward_params"])],
-                args=grpo_config(spec, out_dir, attempt[0]), train_dataset=dataset,
+            clock.trainer = TimedGRPOTrainer(
+                model=AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32),
+                processing_class=tokenizer, reward_funcs=[accuracy_reward(spec["reward_params"])],
+                args=grpo_config(spec, out_dir, attempt), train_dataset=dataset,
                 callbacks=[clock])
+            clock.trainer.train()
             break
-        except Exception as err:  # vLLM colocate did not start here: say so, fall back
-            if not attempt[0]:
+        except Exception as err:  # vLLM colocate does not run here: say so, fall back
+            if not attempt:
                 raise
-            backend = f"transformers generation (vLLM colocate failed: {type(err).__name__}: " \
-                      f"{str(err).splitlines()[0][:200]})"
-    clock.trainer = trainer
-    trainer.train()
+            backend = (f"transformers generation (vLLM colocate failed: {type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:200]})")
     return {"peer": "trl", "generation": backend, "steps": clock.steps,
             "versions": _versions(), "torch_threads": torch.get_num_threads()}
 
