@@ -2,8 +2,9 @@
 against a hand count. Our side only (TRL is an optional peer that `make test` never needs).
 
 The cheap tests feed synthetic metrics rows; the last one runs 2 real GRPO steps (vLLM
-rollouts, Megatron training) of the tiny dense recipe on a tiny Qwen2 made in tmp_path and
-checks the bench's numbers against that run's own metrics.jsonl.
+rollouts, Megatron training) of the tiny dense recipe on a tiny Qwen2 made in tmp_path, on
+one rank and with TP=2 on two torchrun ranks, and checks the bench's numbers against that
+run's own metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -87,15 +88,20 @@ def test_the_trl_peer_names_what_it_cannot_run(tmp_path):
         bench.run_trl(args, {}, tmp_path)
 
 
-def test_two_real_steps_match_their_metrics_rows(tmp_path):
+@pytest.mark.parametrize("nproc,layout", [
+    pytest.param(1, ["parallel.tp=1"], id="one rank"),
+    pytest.param(2, [], id="tp2 on two torchrun ranks", marks=pytest.mark.slow),
+])
+def test_two_real_steps_match_their_metrics_rows(tmp_path, nproc, layout):
     model = write_tiny_model(tmp_path / "model", "qwen2")
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     work = tmp_path / "work"
     out = bench.main(["--recipe", str(TINY_RECIPE), "--steps", "2", "--model", str(model),
                       "--work-dir", str(work), "--out", str(tmp_path / "result.json"),
-                      "parallel.tp=1"])
+                      "--nproc", str(nproc), *layout])
     assert json.loads((tmp_path / "result.json").read_text()) == out
     ours = out["ours"]
+    assert out["settings"]["devices"] == nproc
     assert ours["steps_measured"] == 1 and ours["warmup_steps_skipped"] == 1
     assert math.fsum(ours["phase_share"].values()) == pytest.approx(1.0, abs=1e-6)
     assert ours["phase_seconds"]["logprobs"] > 0   # the tiny recipe has beta > 0 and mu = 2
@@ -111,12 +117,16 @@ def test_two_real_steps_match_their_metrics_rows(tmp_path):
     generated = last["completion_length/mean"] * 4 * 4   # 4 prompts x G=4
     assert ours["generated_tokens_per_second"] == pytest.approx(generated / seconds, rel=1e-6)
 
-    recipe = bench.load_recipe(bench.parse_args(["--recipe", str(TINY_RECIPE),
-                                                 "parallel.tp=1"]), model)
+    recipe = bench.load_recipe(bench.parse_args(["--recipe", str(TINY_RECIPE), "--nproc",
+                                                 str(nproc), *layout]), model)
     prompts = bench.step_prompts(recipe, 2)[1]
     lens = [len(p["prompt_ids"]) + last["completion_length/mean"] for p in prompts
             for _ in range(4)]
     assert sum(lens) == pytest.approx(tokens, rel=1e-6)  # prompts + completions = the loop's
     hand = 2 * 3 * _hand_forward_flops(lens, vocab)      # mu = 2 passes of forward + backward
-    assert ours["train_flops_per_step"] == pytest.approx(hand, rel=1e-9)
+    assert ours["train_flops_per_step"] == pytest.approx(hand, rel=1e-9)  # all ranks together
+    assert ours["train_tflops_per_device"] == pytest.approx(
+        hand / ours["phase_seconds"]["train"] / nproc / 1e12, rel=1e-9)
+    assert ours["trained_tokens_per_second_per_device"] == pytest.approx(
+        ours["trained_tokens_per_second"] / nproc)
     assert 0 < ours["train_fraction_of_peak"]

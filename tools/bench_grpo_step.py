@@ -335,6 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def launcher_words(world: int) -> list[str]:
+    """How this script was started, for the record: torchrun or the interpreter."""
+    if under_torchrun():
+        return ["torchrun", f"--nproc_per_node={world}"]
+    return [Path(sys.executable).name]
+
+
 def report(args, recipe, model: Path, rows: list[dict], prompts: list[list[dict]],
            trl: dict | None, peak: dict) -> dict:
     """The result: both sides' summaries, the ratios, and what was run where."""
@@ -352,7 +359,7 @@ def report(args, recipe, model: Path, rows: list[dict], prompts: list[list[dict]
     ours["torch_threads"] = torch.get_num_threads()
     result = {
         "bench": "grpo_step", "cpu": cpu_model(), "note": args.note,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([*launcher_words(world), *sys.argv]),
         "recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_absolute()
                       and args.recipe.is_relative_to(ROOT) else args.recipe),
         "settings": {"steps": args.steps, "prompts_per_step": g.prompts_per_step,
