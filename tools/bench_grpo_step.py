@@ -69,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer", choices=("none", "trl"), default="none")
     p.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     p.add_argument("--nproc", type=int, default=1, help="ranks of our side (torchrun)")
-    p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="run directory (the loop also writes its final checkpoint there); "
+                        "default: a temporary one, outputs/bench_grpo_step under torchrun")
     p.add_argument("--note", default="", help="free text recorded with the result")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("overrides", nargs="*", help="dotted.key=value for the recipe")
@@ -308,7 +310,9 @@ def best_peak(before: dict, after: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_grpo_step_") as tmp:
-        work = args.work_dir or Path(tmp)
+        # ranks share one run directory; the loop's final checkpoint is written there too
+        work = args.work_dir or (ROOT / "outputs" / "bench_grpo_step" if under_torchrun()
+                                 else Path(tmp))
         work.mkdir(parents=True, exist_ok=True)
         model = model_dir(args, load_recipe(args).model.path if not args.model else "", work)
         recipe = load_recipe(args, model)
@@ -336,10 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def launcher_words(world: int) -> list[str]:
-    """How this script was started, for the record: torchrun or the interpreter."""
+    """How this script was started, for the record: the thread count, torchrun or python."""
+    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] \
+        if "OMP_NUM_THREADS" in os.environ else []
     if under_torchrun():
-        return ["torchrun", f"--nproc_per_node={world}"]
-    return [Path(sys.executable).name]
+        return [*threads, "torchrun", f"--nproc_per_node={world}"]
+    return [*threads, Path(sys.executable).name]
 
 
 def report(args, recipe, model: Path, rows: list[dict], prompts: list[list[dict]],
