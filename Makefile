@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.extension-stamp
 CMAKE_BUILD := build/cmake
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install extension test test-fast cpp-test demo bench lint clean gpu-wheels
+.PHONY: install extension test test-fast cpp-test demo bench bench-peers lint clean gpu-wheels
 
 install: $(STAMP) $(EXT_STAMP)
 
@@ -46,6 +46,20 @@ demo: install
 bench: install
 	$(PY) tools/bench_kernels.py --device cpu
 
+# The optional peer stack of tools/bench_grpo_step.py --peer trl (TRL 1.16), in its own
+# environment with the same CPU torch; `make test` never needs it.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.install-stamp
+
+bench-peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): requirements/peers.txt requirements/constraints.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -c requirements/constraints.txt --upgrade pip
+	$(PEERS)/bin/pip install -c requirements/constraints.txt torch==2.13.0
+	$(PEERS)/bin/pip install -c requirements/constraints.txt -r requirements/peers.txt
+	touch $@
+
 # Wheels tools/gpu_smoke.sh installs on a GPU machine without network (Python 3.12): carry
 # wheels/ there. megatron-core is cp312 manylinux; the rest is pure Python or static binaries.
 GPU_WHEELS := megatron-core==0.16.1 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
@@ -57,4 +71,4 @@ gpu-wheels:
 	  -d wheels $(GPU_WHEELS)
 
 clean:
-	rm -rf build $(VENV) *.egg-info openr1_mega/_C*.so
+	rm -rf build $(VENV) $(PEERS) *.egg-info openr1_mega/_C*.so
