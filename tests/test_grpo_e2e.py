@@ -3,6 +3,8 @@
 - a 3-step run completes, logs every metric, and the trainer's log-probs match the
   sampler's (fp32: the sync is exact);
 - resuming from the step-2 checkpoint reproduces the uninterrupted step 3 exactly;
+- the same with one vLLM engine of rollout.tp=2 over two torchrun ranks (trainer TP=2):
+  every step's trainer/sampler gap stays < 1e-4 and the resume is exact;
 - the MoE launcher (torchrun, EP=2 on two gloo ranks) runs to completion.
 """
 
@@ -76,6 +78,29 @@ def test_three_steps_then_resume_reproduces_step_three(tmp_path):
         assert resumed[key] == step3[key], key
     logged = (b / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in logged] == [3]  # resumed at 2: no eval at step 0
+
+
+@pytest.mark.slow
+def test_rollout_tp2_three_steps_then_resume_reproduces_step_three(tmp_path):
+    model = write_tiny_model(tmp_path / "model", "qwen2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    recipe = _recipe(tmp_path, model, a)
+    grpo = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "openr1_mega.train.grpo", "--recipe", str(recipe), "rollout.tp=2",
+            "parallel.tp=2"]
+    _run(grpo, timeout=900)
+    for step in (1, 2, 3):
+        assert _step(a, step)["sampler/abs_logprob_diff"] < 1e-4, step
+    step3 = _step(a, 3)
+    assert step3["grad_norm"] > 0
+
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step_000002", b / "checkpoints" / "step_000002")
+    _run(grpo + [f"run.output_dir={b}", "--resume"], timeout=900)
+    resumed = _step(b, 3)
+    for key in ("loss", "grad_norm", "reward/total/mean", "completion_length/mean",
+                "sampler/abs_logprob_diff"):
+        assert resumed[key] == step3[key], key
 
 
 @pytest.mark.slow
