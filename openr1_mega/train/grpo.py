@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                                               recipe.run.seed)
         completions, totals, reward_metrics = policy_lib.rollout_and_score(  # collective
             ctx, engine, rewards, prompts, r, step, recipe.run.seed)
+        policy_lib.release_engine(engine)  # sleeps until sync_engine wakes it
         timer["rollout"] = time.perf_counter()
 
         stats = ops.grpo_advantage_stats(totals, group_size=r.group_size,
