@@ -263,7 +263,7 @@ def _check_world(tmp_path, archs, trainer_layout, engine_tp, engine_ep=False, wo
             assert got["members"] == list(range(rank // engine_tp * engine_tp,
                                                 (rank // engine_tp + 1) * engine_tp))
         vocab = load_file(next(base.glob("*.safetensors")))["model.embed_tokens.weight"].shape[0]
-        embed = [s for n, s in ranks[0][i]["shards"].items() if "embed_tokens" in n][0]
+        embed = next(s for n, s in ranks[0][i]["shards"].items() if "embed_tokens" in n)
         assert (embed[0] < vocab) == (engine_tp > 1)  # each engine rank holds its own shard
 
 
@@ -301,3 +301,15 @@ def test_moe_trainer_ep2_to_engine_tp2(tmp_path):
 def test_moe_trainer_ep2_to_engine_ep2(tmp_path):
     """Engine expert parallelism (each rank whole experts): GPU only, see the skip reason."""
     _check_world(tmp_path, [("qwen3_moe", False)], {"ep": 2}, engine_tp=2, engine_ep=True)
+
+
+def test_dry_run_fits_the_world_to_rollout_tp(monkeypatch):
+    from openr1_mega.train import dry_run
+    from openr1_mega.train.grpo import GrpoRecipe
+
+    recipe = Path(__file__).parent.parent / "examples/recipes/qwen3_30b_a3b/grpo.yaml"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plan = dry_run.make_plan(recipe, ["rollout.tp=16", "rollout.ep=1"], GrpoRecipe)
+    assert plan["world_size"] == 16 and plan["run"]["rollout_tp"] == 16  # lcm(8, 16)
+    with pytest.raises(ValueError, match=r"rollout.tp=16 must divide the world size 8"):
+        dry_run.make_plan(recipe, ["rollout.tp=16", "rollout.ep=1"], GrpoRecipe, 8)

@@ -211,6 +211,7 @@ def _run_summary(recipe: Any, dp: int) -> dict:
                 "max_sequence": d.max_prompt_tokens + r.max_tokens,
                 "loss_type": g.loss_type, "beta": g.beta, "num_iterations": g.num_iterations,
                 "temperature": f"{r.temperature} (sampler and trainer log-probs)",
+                "rollout_tp": r.tp, "rollout_ep": r.ep,
                 "top_p": r.top_p, "max_tokens": r.max_tokens, "rewards": g.rewards}
     s = recipe.sft
     return {"seq_length": s.seq_length, "pack": s.pack, "rows_per_step": s.rows_per_step,
