@@ -230,10 +230,12 @@ def _sync_and_score(rank, world, cases, trainer_layout, engine_tp, engine_ep):
         model = _load(perturbed, trainer_layout)
         _Spy(engine)
         policy_lib.release_engine(engine)
+        released = set(engine.released)
         policy_lib.sync_engine(SimpleNamespace(model=model), engine)
         after = engine.prompt_logprobs(SEQUENCES)
         out.append({"before": [t.numpy() for t in before], "after": [t.numpy() for t in after],
                     "transitions": list(engine.transitions), "shards": shards,
+                    "released": (released, set(engine.released)),
                     "members": groups.members()})
     return out
 
@@ -260,6 +262,7 @@ def _check_world(tmp_path, archs, trainer_layout, engine_tp, engine_ep=False, wo
             assert diff < TOL, f"{what}: max |vLLM - transformers| {diff:.3g} >= {TOL}"
             assert got["transitions"] == ["sleep", "wake_weights", "sync", "wake_kv_cache",
                                           "generate"], what
+            assert got["released"] == ({"weights", "kv_cache"}, set()), what
             assert got["members"] == list(range(rank // engine_tp * engine_tp,
                                                 (rank // engine_tp + 1) * engine_tp))
         vocab = load_file(next(base.glob("*.safetensors")))["model.embed_tokens.weight"].shape[0]
@@ -313,3 +316,10 @@ def test_dry_run_fits_the_world_to_rollout_tp(monkeypatch):
     assert plan["world_size"] == 16 and plan["run"]["rollout_tp"] == 16  # lcm(8, 16)
     with pytest.raises(ValueError, match=r"rollout.tp=16 must divide the world size 8"):
         dry_run.make_plan(recipe, ["rollout.tp=16", "rollout.ep=1"], GrpoRecipe, 8)
+
+
+@pytest.mark.slow
+def test_world_of_four_runs_two_tp2_engines(tmp_path):
+    """Trainer TP=2 x DP=2 -> engines {0,1} and {2,3}: vLLM's own TP groups are our engines
+    (RolloutEngine checks them at start), and both engines load their shards."""
+    _check_world(tmp_path, [("qwen3", False)], {"tp": 2}, engine_tp=2, world=4)
