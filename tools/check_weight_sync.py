@@ -14,8 +14,8 @@ trainer's token_logprob (fp32). Prints one JSON line:
   gbytes_per_second (sync_bytes / sync_seconds / 1e9), bucket_bytes (sync_weights'
   bucket size), peak_extra_rss_bytes (largest RSS growth of any rank during the sync,
   sampled from /proc/self/statm by a thread: openr1_mega.utils.rss), rollout_tp (ranks
-  per engine; 1: each rank drives its own), reload_from_disk_seconds (export to disk + start a fresh
-  engine process on it: the alternative to an in-memory sync), route, layout;
+  per engine; 1: each rank drives its own), reload_from_disk_seconds (export to disk +
+  start a fresh engine process on it: the alternative to an in-memory sync), route, layout;
 `--route rank0` measures the route this replaced (gather to rank 0, pickled broadcast).
 exit status 1 when max_abs_diff > 1e-4. The world is max(tp*ep, rollout_tp) ranks; above
 one it re-launches itself under torchrun (gloo on CPU).
