@@ -92,15 +92,9 @@ def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
             stats.tensors += 1
             stats.bytes += tensor.numel() * tensor.element_size()
             match = EXPERT_WEIGHT.match(name)
-            layer = int(match["layer"]) if match else -1
-            if match and layer in cpu_experts:
-                spec = cpu_experts[layer]
-                received = pending_experts.setdefault(layer, {})
-                expert, proj = int(match["expert"]), match["proj"]
-                received[expert, proj] = expert_shard(tensor, proj, spec.tp_rank, spec.tp_size) \
-                    if expert in spec.local_experts else None
-                if len(received) == 3 * spec.num_experts:
-                    kernel_format += _pack_experts(spec, pending_experts.pop(layer))
+            if match and int(match["layer"]) in cpu_experts:
+                kernel_format += _receive_expert(cpu_experts[int(match["layer"])],
+                                                 pending_experts, match, tensor)
             else:
                 checkpoint_format.append((name, tensor))
         _reload(engine, checkpoint_format, is_checkpoint_format=True)
@@ -114,6 +108,19 @@ def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
     engine.llm.reset_prefix_cache()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _receive_expert(spec: _CpuExperts, pending: dict[int, dict], match: re.Match,
+                    tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Keep this rank's part of one expert weight (None for another rank's expert); once
+    the layer's experts have all arrived, return them packed (else nothing yet)."""
+    layer, expert, proj = int(match["layer"]), int(match["expert"]), match["proj"]
+    received = pending.setdefault(layer, {})
+    received[expert, proj] = (expert_shard(tensor, proj, spec.tp_rank, spec.tp_size)
+                              if expert in spec.local_experts else None)
+    if len(received) < 3 * spec.num_experts:
+        return []
+    return _pack_experts(spec, pending.pop(layer))
 
 
 def _refresh_tied_lm_head(engine) -> None:
