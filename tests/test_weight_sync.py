@@ -79,11 +79,12 @@ def test_buckets_keep_layers_whole():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, layout", [("qwen2", {"tp": 2, "ep": 1}),
-                                          ("qwen2_moe", {"tp": 1, "ep": 2})])
-def test_check_weight_sync_tool(tmp_path, arch, layout):
-    """Megatron (TP=2 or EP=2, two gloo ranks) -> each rank's vLLM engine after an
-    optimizer step, through the sharded sync source: the tool's verdict and its report."""
+@pytest.mark.parametrize("arch, layout, rollout_tp", [("qwen2", {"tp": 2, "ep": 1}, 1),
+                                                      ("qwen2_moe", {"tp": 1, "ep": 2}, 1),
+                                                      ("qwen3_moe", {"tp": 1, "ep": 1}, 2)])
+def test_check_weight_sync_tool(tmp_path, arch, layout, rollout_tp):
+    """Megatron (TP=2 or EP=2, two gloo ranks) -> vLLM engines of `rollout_tp` ranks after
+    an optimizer step, through the sharded sync source: the tool's verdict and its report."""
     import os
     import subprocess
     import sys
@@ -92,13 +93,14 @@ def test_check_weight_sync_tool(tmp_path, arch, layout):
     root = Path(__file__).resolve().parent.parent
     model = write_tiny_model(tmp_path / arch, arch)
     proc = subprocess.run([sys.executable, "tools/check_weight_sync.py", "--hf", str(model),
-                           "--tp", str(layout["tp"]), "--ep", str(layout["ep"])],
+                           "--tp", str(layout["tp"]), "--ep", str(layout["ep"]),
+                           "--rollout-tp", str(rollout_tp)],
                           cwd=root, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
     assert result["max_abs_diff"] < 1e-4 and result["moved"] > 1e-2
-    assert result["layout"] == {**layout, "world": 2} and result["rollout_tp"] == 1
+    assert result["layout"] == {**layout, "world": 2} and result["rollout_tp"] == rollout_tp
     hf_bytes = sum(t.numel() * t.element_size() for f in model.glob("*.safetensors")
                    for t in load_file(f).values())
     assert result["sync_bytes"] == hf_bytes

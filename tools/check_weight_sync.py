@@ -1,14 +1,15 @@
 """Prove the Megatron -> vLLM weight sync: trainer and engine log-probs agree after a sync.
 
-    python tools/check_weight_sync.py --hf <dir> [--tp N --ep N --bucket-bytes B]
-                                      [--route sharded|rank0] [--dtype fp32|bf16]
-                                      [--change step|noise]
+    python tools/check_weight_sync.py --hf <dir> [--tp N --ep N --rollout-tp M]
+                                      [--bucket-bytes B] [--route sharded|rank0]
+                                      [--dtype fp32|bf16] [--change step|noise]
 
 Builds the Megatron policy from an HF directory (dense or MoE), changes its weights (one
 optimizer step on a fixed batch, or with --change noise seeded noise in place: no optimizer
-state, for models whose Adam states would not fit), streams them into a vLLM engine started
-from the original directory on every rank (rl/sync_source.py -> rl/weight_sync.py: layer by
-layer, tensor collectives only), and compares vLLM's prompt log-probs of fixed sequences
+state, for models whose Adam states would not fit), streams them into vLLM engines of
+--rollout-tp ranks started from the original directory (vLLM's external launcher; each
+engine rank loads its own shard; rl/sync_source.py -> rl/weight_sync.py: layer by layer,
+tensor collectives only), and compares vLLM's prompt log-probs of fixed sequences
 with two references: the trainer's token_logprob (the pass criterion in fp32) and a fresh
 engine started on the exported checkpoint (same kernels, same weights: the criterion in
 bf16, where trainer and vLLM kernels round differently). Prints one JSON line:
@@ -16,13 +17,13 @@ bf16, where trainer and vLLM kernels round differently). Prints one JSON line:
   sync_seconds (slowest rank), sync_bytes (bytes loaded into each rank's engine),
   gbytes_per_second (sync_bytes / sync_seconds / 1e9), bucket_bytes (sync_weights'
   bucket size), peak_extra_rss_bytes (largest RSS growth of any rank during the sync,
-  sampled from /proc/self/statm by a thread: openr1_mega.utils.rss), rollout_tp (1: each
-  rank drives its own engine), reload_from_disk_seconds (export to disk + start a fresh
-  engine process on it: the alternative to an in-memory sync), disk_max_abs_diff (synced
-  engine vs that fresh engine), route, layout, dtype;
+  sampled from /proc/self/statm by a thread: openr1_mega.utils.rss), rollout_tp (ranks
+  per engine; 1: each rank drives its own), reload_from_disk_seconds (export to disk +
+  start a fresh engine process on it: the alternative to an in-memory sync),
+  disk_max_abs_diff (synced engine vs that fresh engine), route, layout, dtype;
 `--route rank0` measures the route this replaced (gather to rank 0, pickled broadcast).
-exit status 1 when the criterion's diff > 1e-4. With --tp/--ep > 1 it re-launches itself under
-torchrun (gloo on CPU).
+exit status 1 when the criterion's diff > 1e-4. The world is max(tp*ep, rollout_tp) ranks;
+above one it re-launches itself under torchrun (gloo on CPU).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SEQUENCES = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49], [2, 4, 8, 16, 32
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    world = args.tp * args.ep
+    world = max(args.tp * args.ep, args.rollout_tp)
     if world > 1 and "RANK" not in os.environ:
         return _relaunch(world, argv if argv is not None else sys.argv[1:])
     return _check(args)
@@ -73,7 +74,8 @@ def _check(args) -> int:
     vocab = json.loads((Path(args.hf) / "config.json").read_text())["vocab_size"]
     sequences = [[t % vocab for t in s] for s in SEQUENCES]
     engine = RolloutEngine(args.hf, EngineConfig(dtype=ENGINE_DTYPE[args.dtype],
-                                                 external_launcher=dist.get_world_size() > 1))
+                                                 external_launcher=dist.get_world_size() > 1,
+                                                 tensor_parallel_size=args.rollout_tp))
     before = engine.prompt_logprobs(sequences)
     if args.change == "step":
         ddp = wrap_ddp(model)
@@ -106,7 +108,7 @@ def _check(args) -> int:
               "moved": moved, "sync_seconds": sync_seconds, "sync_bytes": stats.bytes,
               "gbytes_per_second": stats.bytes / sync_seconds / 1e9,
               "bucket_bytes": args.bucket_bytes, "peak_extra_rss_bytes": peak_extra,
-              "rollout_tp": 1, "route": args.route,
+              "rollout_tp": args.rollout_tp, "route": args.route,
               "reload_from_disk_seconds": reload_seconds,
               "layout": {"tp": args.tp, "ep": args.ep, "world": dist.get_world_size()},
               "hf": str(args.hf), "tolerance": TOLERANCE}
@@ -209,6 +211,8 @@ def _parse(argv):
     parser.add_argument("--hf", required=True, help="HF model directory with tokenizer")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--rollout-tp", type=int, default=1,
+                        help="ranks per vLLM engine (tensor_parallel_size)")
     parser.add_argument("--bucket-bytes", type=int, default=256 * 2**20,
                         help="sync_weights bucket size (whole layers per vLLM reload call)")
     parser.add_argument("--route", choices=("sharded", "rank0"), default="sharded",

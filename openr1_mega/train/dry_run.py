@@ -19,7 +19,8 @@ the same numbers):
                  routed experts       E/EP x 3 Fe H / ETP    ("expert" params)
                  shared expert        3 Fs H / TP + H        (Qwen2-MoE)
 tests/test_recipes.py checks these counts against a real Megatron model on each rank.
-World size: --world-size, else $WORLD_SIZE, else the smallest world the layout fits.
+World size: --world-size, else $WORLD_SIZE, else the smallest world the layout and
+rollout.tp fit.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str], cls: type,
               world_size: int | None = None) -> dict:
     """The plan as a dict: layout, per-stage parameters, and the loop's settings."""
     unvalidated = _read(recipe_path, overrides, cls)
-    world, world_from = _world_size(unvalidated.parallel, world_size)
+    world, world_from = _world_size(unvalidated, world_size)
     on_cuda = targets_gpu(unvalidated)
     recipe = load_config(recipe_path, overrides, cls, world_size=world, on_cuda=on_cuda)
     arch = recipe_arch(recipe, recipe_path)
@@ -210,6 +211,7 @@ def _run_summary(recipe: Any, dp: int) -> dict:
                 "max_sequence": d.max_prompt_tokens + r.max_tokens,
                 "loss_type": g.loss_type, "beta": g.beta, "num_iterations": g.num_iterations,
                 "temperature": f"{r.temperature} (sampler and trainer log-probs)",
+                "rollout_tp": r.tp, "rollout_ep": r.ep,
                 "top_p": r.top_p, "max_tokens": r.max_tokens, "rewards": g.rewards}
     s = recipe.sft
     return {"seq_length": s.seq_length, "pack": s.pack, "rows_per_step": s.rows_per_step,
@@ -218,12 +220,14 @@ def _run_summary(recipe: Any, dp: int) -> dict:
             "tokens_per_step_max": s.rows_per_step * s.seq_length}
 
 
-def _world_size(parallel: ParallelConfig, world_size: int | None) -> tuple[int, str]:
+def _world_size(recipe: Any, world_size: int | None) -> tuple[int, str]:
     if world_size is not None:
         return world_size, "--world-size"
     if "WORLD_SIZE" in os.environ:
         return world_size_from_env(), "$WORLD_SIZE"
-    return smallest_world(parallel), "smallest world the layout fits"
+    rollout_tp = recipe.rollout.tp if hasattr(recipe, "rollout") else 1
+    return math.lcm(smallest_world(recipe.parallel), rollout_tp), \
+        "smallest world the layout and rollout.tp fit"
 
 
 def _read(recipe_path, overrides, cls):

@@ -15,7 +15,9 @@ Each step (Shao et al. 2024, DeepSeekMath; with DAPO's clip-higher and loss opti
      beta > 0) by forward-only passes through the pipeline schedule; then num_iterations
      optimizer steps on the policy loss (GrpoLoss -> rl/losses.py) with global
      denominators (train/step.py); metrics are the step's global values on every rank;
-  5. the updated weights stream into vLLM (rl/weight_sync.py), no disk involved;
+  5. the engine sleeps while the trainer runs (GPU: weights and KV cache released); its
+     weights wake, the updated weights stream into vLLM (rl/weight_sync.py), no disk
+     involved, then its KV cache wakes for the next generation;
   6. metrics to JSONL/TensorBoard; held-out accuracy every `eval_every` steps; a
      dist-checkpoint every `save_every` steps; an HF export at the end.
 
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                                               recipe.run.seed)
         completions = policy_lib.sample(ctx, engine, prompts, r, step,  # collective (engine)
                                         recipe.run.seed)
+        policy_lib.release_engine(engine)  # sleeps until sync_engine wakes it
         timer["rollout"] = time.perf_counter()
         scored, batches = policy_lib.rollout_and_score(  # collective
             ctx, rewards, prompts, completions, g, r)

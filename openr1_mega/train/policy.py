@@ -51,7 +51,8 @@ class Context:
     device: torch.device
     """Where the model lives: every tensor handed to it, the loss or a collective goes here."""
     engines: EngineGroups
-    """This rank's vLLM engine group (which prompts it samples, whom it shares them with)."""
+    """This rank's vLLM engine among the world's engines of rollout.tp ranks (one rank per
+    engine for recipes without a `rollout:` section)."""
 
 
 @dataclass
@@ -68,10 +69,11 @@ def setup(recipe) -> Context:
     model = _initial_policy(recipe)
     ddp = wrap_ddp(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engines = EngineGroups.split(recipe.rollout.tp if hasattr(recipe, "rollout") else 1)
     return Context(model=model, ddp=ddp, optimizer=build_optimizer(ddp, recipe.optim),
                    tokenizer=tokenizer, vocab_size=_hf_vocab_size(model_dir), pad_id=pad,
                    is_rank0=dist.get_rank() == 0, model_dir=model_dir, device=default_device(),
-                   engines=EngineGroups.split(1))
+                   engines=engines)
 
 
 def reference_model(recipe) -> torch.nn.Module:
@@ -129,26 +131,38 @@ def reward_set(grpo):
 
 
 def start_engine(ctx: Context, recipe) -> RolloutEngine:
-    """This rank's vLLM engine, started from the model directory, then synced with the
-    policy (which differs from the directory after a resume). Under torchrun every rank
-    drives its own engine (vLLM's external launcher) and generates a share of the prompts.
-    """
+    """This rank's share of its engine (rollout.tp ranks, vLLM's external launcher under
+    torchrun), started from the model directory, then synced with the policy (which
+    differs from the directory after a resume). Collective over the world."""
     r = recipe.rollout
     engine = RolloutEngine(ctx.model_dir, EngineConfig(
         dtype=r.dtype, kv_cache_bytes=r.kv_cache_bytes,
         gpu_memory_utilization=r.gpu_memory_utilization, seed=recipe.run.seed,
-        external_launcher=dist.get_world_size() > 1))
+        external_launcher=dist.get_world_size() > 1, tensor_parallel_size=r.tp,
+        enable_expert_parallel=r.ep > 1, enforce_eager=r.enforce_eager,
+        max_model_len=r.max_model_len))
     sync_engine(ctx, engine)
     return engine
 
 
+def release_engine(engine: RolloutEngine) -> None:
+    """After the rollout: the engine sleeps (weights and KV cache released) while the
+    trainer runs; sync_engine wakes it."""
+    engine.sleep()
+
+
 def sync_engine(ctx: Context, engine: RolloutEngine) -> float:
-    """Stream the policy's full weights into every rank's engine; returns seconds."""
+    """Wake the engine's weights, stream the policy's full weights into every rank's engine
+    (each engine rank loads its own shard), then wake the KV cache for generation; returns
+    seconds. Weights before KV cache: the sync's buckets never meet a resident KV cache
+    (the wake-up OOM). Collective."""
     from openr1_mega.rl.sync_source import iter_hf_tensors_everywhere
     from openr1_mega.rl.weight_sync import sync_weights
 
     start = time.perf_counter()
+    engine.wake_weights()
     sync_weights(engine, iter_hf_tensors_everywhere(ctx.model))
+    engine.wake_kv_cache()
     return time.perf_counter() - start
 
 
