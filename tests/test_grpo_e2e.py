@@ -64,7 +64,8 @@ def test_three_steps_then_resume_reproduces_step_three(tmp_path):
     step3 = _step(a, 3)
     for key in ("loss", "grad_norm", "reward/total/mean", "completion_length/mean",
                 "clip/region", "advantage/zero_std_groups", "time/rewards", "time/sync",
-                "eval/accuracy", "eval/accuracy_greedy"):
+                "eval/accuracy", "eval/accuracy_greedy", "perf/tflops", "perf/mfu",
+                "perf/tokens_per_second"):
         assert key in step3, key
     assert step3["grad_norm"] > 0 and step3["reward/total/std"] > 0
     assert step3["sampler/abs_logprob_diff"] < 1e-4  # vLLM's weights are the trainer's

@@ -67,6 +67,7 @@ def one_rank(tmp_path_factory) -> list[dict]:
     _finish(_start(["bash", "examples/sft_distill.sh", *SFT_ARGS, f"run.output_dir={out}"]))
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["perf/tflops"] > 0 and 0 < r["perf/mfu"] for r in rows)  # train/perf.py
     return rows
 
 

@@ -49,6 +49,7 @@ from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.train.guard import BadStepGuard, completion_ids
 from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.output_dir import prepare_output_dir
+from openr1_mega.train.perf import StepPerf
 from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
     guard = BadStepGuard(recipe.run.max_bad_steps, recipe.run.output_dir)
+    perf = StepPerf.for_run(ctx, recipe)
     if start == 0 and rows.eval:  # the starting policy's held-out accuracy, as step 0
         logger.log(0, accuracy_on(ctx, engine, rows.eval, r, recipe))
     # Collectives: every rank reaches each line of this loop body (no rank-dependent skips).
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         sync = policy_lib.sync_engine(ctx, engine)  # collective
         timer["sync"] = time.perf_counter()
         last = _log_row(step_metrics, scored, timer, sync, r)
+        last.update(perf.metrics(_trained_lengths(scored) * g.num_iterations,
+                                 timer["train"] - timer["logprobs"]))
         if g.eval_every and (step + 1) % g.eval_every == 0 or step + 1 == g.steps:
             last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))  # collective
         if ctx.is_rank0 and step % recipe.run.log_every == 0 or step + 1 == g.steps:
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             policy_lib.save(ctx, recipe.run, step + 1)  # collective
         if preemption.requested():  # collective: every rank stops after the same step
             policy_lib.save_and_exit(ctx, recipe.run, step + 1, logger)
+    perf.close()
     policy_lib.finish(ctx, recipe.run, g.steps, logger)
     return last
 
@@ -233,6 +238,11 @@ def _global_tokens(batches: list) -> float:
     if dist.is_initialized():
         dist.all_reduce(local, group=ps.get_data_parallel_group())
     return max(float(local), 1.0)
+
+
+def _trained_lengths(scored) -> list[int]:
+    """Prompt + completion tokens of every sequence the step trains on (all ranks)."""
+    return [e.prompt_length + e.completion_length for e in scored.table.entries()]
 
 
 def _log_row(step_metrics, scored, timer, sync, r) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch.distributed as dist
+
 from openr1_mega.models.archs import arch_config
 from openr1_mega.utils.flops import train_step_flops
 from openr1_mega.utils.peak import machine_peak, perf_metrics
@@ -37,6 +39,14 @@ class StepPerf:
         self.num_devices = num_devices
         self.peak = machine_peak("fp32" if dtype == "fp32" else "bf16", device)
         self.telemetry = GpuTelemetry().start()
+
+    @classmethod
+    def for_run(cls, ctx, recipe) -> StepPerf:
+        """The loop's StepPerf: the policy's shapes, the recipe's dtype and recompute, the
+        model's device, every rank of the world."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return cls(ctx.model_dir, recipe.precision.dtype, recipe.model.recompute,
+                   ctx.device.type, world)
 
     def metrics(self, sequence_lengths: Sequence[int], train_seconds: float) -> dict[str, float]:
         """The step's perf/* (train phase over `sequence_lengths`, every rank's share) and

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ from openr1_mega.train.cli import parse_entry_args
 from openr1_mega.train.guard import BadStepGuard
 from openr1_mega.train.logprobs import hidden_to_logprobs
 from openr1_mega.train.output_dir import prepare_output_dir
+from openr1_mega.train.perf import StepPerf
 from openr1_mega.train.step import (
     cosine_lr,
     forward_only,
@@ -88,18 +90,21 @@ def main(argv: list[str] | None = None) -> dict:
         policy_lib.write_recipe(recipe.run.output_dir, to_dict(recipe))
     last: dict = {}
     guard = BadStepGuard(recipe.run.max_bad_steps, recipe.run.output_dir)
+    perf = StepPerf.for_run(ctx, recipe)
     # Collectives: every rank reaches each line of this loop body.
     for step in tqdm(range(start, steps), desc="sft", disable=not ctx.is_rank0, initial=start,
                      total=steps):
         rows = policy_lib.items_for_step(train_rows, step, s.rows_per_step, recipe.run.seed)
         mine = [rows[i] for i in policy_lib.data_parallel_share(len(rows))]
         denominator = _global_tokens(rows)
+        started = time.perf_counter()
         last = train_step(ctx.ddp, ctx.optimizer, mine,  # collective
                           sft_forward(ctx, denominator, len(mine)),
                           lr=cosine_lr(step, steps, recipe.optim), metric_names=("loss",),
                           shape=_row_shape(mine))
         guard.check(step, last)
         last["tokens"] = denominator
+        last.update(perf.metrics(_document_lengths(rows), time.perf_counter() - started))
         if eval_rows and (s.eval_every and (step + 1) % s.eval_every == 0 or step + 1 == steps):
             last["eval/loss"] = eval_loss(ctx, eval_rows)  # collective
         if ctx.is_rank0 and (step % recipe.run.log_every == 0 or step + 1 == steps):
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             policy_lib.save(ctx, recipe.run, step + 1)
         if preemption.requested():  # collective: every rank stops after the same step
             policy_lib.save_and_exit(ctx, recipe.run, step + 1, logger)
+    perf.close()
     policy_lib.finish(ctx, recipe.run, steps, logger)
     return last
 
@@ -213,6 +219,12 @@ def _model_inputs(row: Packed) -> dict:
 def _row_logprobs(ctx, model, hidden: torch.Tensor, row: Packed) -> torch.Tensor:
     """log p(label) [1, S] of one row from the final hidden states (no [S, V] logits)."""
     return hidden_to_logprobs(model, hidden, row.labels.view(1, -1), ctx.vocab_size)
+
+
+def _document_lengths(rows: list[Packed]) -> list[int]:
+    """Tokens of every document packed into the step's rows (all DP ranks): attention runs
+    per document (cu_seqlens), so FLOPs count per document."""
+    return [int(n) for r in rows for n in r.cu_seqlens.diff() if n > 0]
 
 
 def _global_tokens(rows: list[Packed]) -> float:
