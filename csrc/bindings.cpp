@@ -13,6 +13,8 @@
 //   grpo_advantage(rewards, group_index, group_size, num_groups, scale, eps, unbiased,
 //       token_index, response_mask) -> (advantages, token_advantages, group_mean, group_std,
 //       num_zero_std)
+//   cpu_isa() -> str                                     the SIMD level the CPU kernels use now
+//                                                        (avx512 | avx2 | baseline, cpu_isa.h)
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,6 +27,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "grpo_advantage.h"
 #include "token_logprob.h"
 
@@ -362,6 +365,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_advantage_op(
   return {adv, token_adv, mean, sd, zero_std};
 }
 
+std::string cpu_isa_op() {
+  std::string name;
+  run_checked([&] { name = cpu_isa_name(active_cpu_isa()); });
+  return name;
+}
+
 }  // namespace
 }  // namespace openr1_mega
 
@@ -378,6 +387,7 @@ TORCH_LIBRARY(openr1_mega, m) {
   m.def("grpo_advantage(Tensor rewards, Tensor? group_index, int group_size, int num_groups, "
         "str scale, float eps, bool unbiased, Tensor? token_index, Tensor? response_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &openr1_mega::cpu_isa_op);
 }
 
 TORCH_LIBRARY_IMPL(openr1_mega, CPU, m) {
