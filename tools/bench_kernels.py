@@ -3,8 +3,10 @@
     .venv/bin/python tools/bench_kernels.py --device cpu --out bench/results/kernels-cpu.json
 
 token_logprob, forward + backward of sum(logp * g) w.r.t. bf16 logits [N, V]:
-    kernel    openr1_mega.ops.token_logprob(logits, targets)
+    kernel    openr1_mega.ops.token_logprob(logits, targets), best SIMD level of the CPU
     inplace   the same with inplace_backward=True (grad written over the logits)
+    kernel_avx2   (CPU with AVX-512 only) the kernel capped at AVX2 (OPENR1_MEGA_CPU_ISA=avx2):
+              the loops an AVX2-only CPU runs, timed on this CPU
     eager     torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     compiled  torch.compile(eager)
 grpo_advantage, forward, B completions in groups of G:
@@ -18,14 +20,21 @@ process's resident set: the kernel's high-water mark is reset through /proc/self
 and VmHWM read back (exact, no sampling; glibc serves these large tensors with mmap, so freed
 memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_allocated.
 "scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
-(every method but the in-place one must allocate it). On CUDA the forward's bandwidth
-(N*V*2 bytes read once) is also compared with a device-to-device copy of the logits
-(read + write). The JSON records the 1-minute load average: the 2-core CI machine is shared.
+(every method but the in-place one must allocate it).
+The machine's limits, measured in the same run (CPU, all threads): a STREAM-style copy of a
+float32 buffer the size of the logits (bytes read + written per second), a read-only sum of it,
+and torch.exp on float32 in L2-sized slices (exp/s). The token_logprob kernel is reported as a
+fraction of the memory bound: the bytes it must move (forward: the logits read once; fwd+bwd:
+read twice, the gradient written once) at the copy bandwidth, over its time; the forward also
+against its N*V exps at torch's exp rate. On CUDA the forward's bandwidth is compared with a
+device-to-device copy of the logits. The JSON records the 1-minute load average: the 2-core CI
+machine is shared, so compare the ratios of one run, not times across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +48,10 @@ import torch
 
 from openr1_mega import ops
 from openr1_mega.ops import reference
+
+ISA_ENV = "OPENR1_MEGA_CPU_ISA"
+EXP_SLICE = 1 << 16  # float32 elements per torch.exp call: 256 KiB, stays in L2
+EXP_CALLS = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,8 +136,42 @@ def measure(name: str, step, repeats: int, device: str, setup=None) -> dict:
     if setup:
         setup()
     peak = peak_extra_bytes(step, device)
-    print(f"  {name:<9} {seconds * 1e3:10.1f} ms   peak extra {peak / 2**20:9.1f} MiB", flush=True)
+    print(f"  {name:<11} {seconds * 1e3:10.1f} ms   peak extra {peak / 2**20:9.1f} MiB",
+          flush=True)
     return {"seconds": seconds, "peak_extra_bytes": peak}
+
+
+@contextlib.contextmanager
+def isa_capped(level: str | None):
+    """Caps the CPU kernels' SIMD level (OPENR1_MEGA_CPU_ISA) inside the block; None: no cap."""
+    old = os.environ.get(ISA_ENV)
+    if level is not None:
+        os.environ[ISA_ENV] = level
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ISA_ENV, None)
+        else:
+            os.environ[ISA_ENV] = old
+
+
+def capped(fn, level: str | None):
+    """fn() run with the kernels capped at `level` (forward and backward alike)."""
+
+    def run():
+        with isa_capped(level):
+            return fn()
+
+    return run
+
+
+def kernel_levels(device: str) -> dict:
+    """Method name -> SIMD cap of the kernel rows: the best level, plus AVX2 on AVX-512 CPUs."""
+    levels = {"kernel": None}
+    if device == "cpu" and torch.ops.openr1_mega.cpu_isa() == "avx512":
+        levels["kernel_avx2"] = "avx2"
+    return levels
 
 
 def bench_token_logprob(args) -> dict:
@@ -135,48 +182,106 @@ def bench_token_logprob(args) -> dict:
     pristine = logits.detach().clone()  # the in-place backward overwrites the logits
     targets = torch.randint(0, args.vocab, (args.n,), generator=gen, device=args.device)
     grad_out = torch.randn(args.n, generator=gen, device=args.device)
-    methods = {"kernel": (ops.token_logprob, None),
-               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine)),
-               "eager": (eager_token_logprob, None)}
+    levels = kernel_levels(args.device)
+    methods = {"kernel": (ops.token_logprob, None, None),
+               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None),
+               "eager": (eager_token_logprob, None, None)}
+    if "kernel_avx2" in levels:
+        methods["kernel_avx2"] = (ops.token_logprob, None, "avx2")
     if not args.no_compile:
-        methods["compiled"] = (torch.compile(eager_token_logprob), None)
+        methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
     print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}", flush=True)
-    results = {name: measure(name, logprob_step(fn, logits, targets, grad_out), args.repeats,
-                             args.device, setup)
-               for name, (fn, setup) in methods.items()}
+    results = {name: measure(name, capped(logprob_step(fn, logits, targets, grad_out), level),
+                             args.repeats, args.device, setup)
+               for name, (fn, setup, level) in methods.items()}
     grad_bytes = logits.numel() * logits.element_size()
     for name, r in results.items():  # the in-place grad allocates nothing to subtract
         own = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
         r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
+    forwards = {name: capped(lambda: ops.token_logprob(logits, targets), level)
+                for name, level in levels.items()}
+    forwards["eager"] = lambda: eager_token_logprob(logits, targets)
+    if "compiled" in methods:
+        forwards["compiled"] = lambda: methods["compiled"][0](logits, targets)
     with torch.no_grad():
-        results["kernel"]["forward_seconds"] = median_time(
-            lambda: ops.token_logprob(logits, targets), args.repeats, args.device)
-        results["eager"]["forward_seconds"] = median_time(
-            lambda: eager_token_logprob(logits, targets), args.repeats, args.device)
+        for name, fn in forwards.items():
+            results[name]["forward_seconds"] = median_time(fn, args.repeats, args.device)
+            print(f"  {name:<11} forward {results[name]['forward_seconds'] * 1e3:8.1f} ms",
+                  flush=True)
     out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
                       "grad_logits_bytes": grad_bytes},
            "results": results, "ratios": _ratios(results)}
     if args.device == "cuda":
         out["bandwidth"] = _cuda_bandwidth(logits.detach(), results["kernel"]["forward_seconds"],
                                            args.repeats)
+    else:
+        out["limits"] = cpu_limits(grad_bytes, args.repeats)
+        out["fraction_of_bound"] = fraction_of_bound(results, grad_bytes, logits.numel(),
+                                                     out["limits"])
     return out
 
 
 def _ratios(results: dict) -> dict:
     ratios = {}
-    for ours in ("kernel", "inplace"):
+    for ours in ("kernel", "inplace", "kernel_avx2"):
         for name in ("eager", "compiled"):
-            if name in results:
+            if ours in results and name in results:
                 mine, base = results[ours], results[name]
                 ratios[f"{ours}_speedup_vs_{name}"] = base["seconds"] / mine["seconds"]
                 for key in ("peak_extra", "scratch"):
                     ratios[f"{ours}_{key}_vs_{name}"] = _fraction(mine[f"{key}_bytes"],
                                                                    base[f"{key}_bytes"])
+                if "forward_seconds" in mine and "forward_seconds" in base:
+                    ratios[f"{ours}_forward_speedup_vs_{name}"] = (base["forward_seconds"]
+                                                                  / mine["forward_seconds"])
     return ratios
 
 
 def _fraction(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
+
+
+def cpu_limits(nbytes: int, repeats: int) -> dict:
+    """Copy and read bandwidth over a float32 buffer of `nbytes`, and torch.exp's float32 rate."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    copy_seconds = median_time(lambda: dst.copy_(src), repeats, "cpu")
+    read_seconds = median_time(lambda: src.sum(), repeats, "cpu")
+    del dst
+    chunk = src[:EXP_SLICE] * -10
+    out = torch.empty_like(chunk)
+
+    def exps():
+        for _ in range(EXP_CALLS):
+            torch.exp(chunk, out=out)
+
+    exp_seconds = median_time(exps, repeats, "cpu")
+    limits = {"copy_bytes_per_s": 2 * nbytes / copy_seconds,
+              "read_bytes_per_s": nbytes / read_seconds,
+              "exp_fp32_per_s": EXP_SLICE * EXP_CALLS / exp_seconds,
+              "buffer_bytes": nbytes}
+    print(f"  machine: copy {limits['copy_bytes_per_s'] / 1e9:.2f} GB/s, read "
+          f"{limits['read_bytes_per_s'] / 1e9:.2f} GB/s, exp {limits['exp_fp32_per_s'] / 1e9:.2f} "
+          "G/s (fp32)", flush=True)
+    return limits
+
+
+def fraction_of_bound(results: dict, nbytes: int, n_exps: int, limits: dict) -> dict:
+    """Each kernel method's time against the memory bound (and the forward's against exp/s)."""
+    bw = limits["copy_bytes_per_s"]
+    out = {"forward_bytes": nbytes, "fwd_bwd_bytes": 3 * nbytes,
+           "forward_bound_seconds": nbytes / bw, "fwd_bwd_bound_seconds": 3 * nbytes / bw}
+    for name in ("kernel", "inplace", "kernel_avx2"):
+        if name not in results:
+            continue
+        r = results[name]
+        out[f"{name}_fwd_bwd"] = out["fwd_bwd_bound_seconds"] / r["seconds"]
+        if "forward_seconds" in r:
+            fwd = r["forward_seconds"]
+            out[f"{name}_forward"] = out["forward_bound_seconds"] / fwd
+            out[f"{name}_forward_bytes_per_s"] = nbytes / fwd
+            out[f"{name}_forward_of_exp_rate"] = n_exps / fwd / limits["exp_fp32_per_s"]
+    return out
 
 
 def _cuda_bandwidth(logits: torch.Tensor, forward_seconds: float, repeats: int) -> dict:
@@ -229,7 +334,10 @@ def device_name(device: str) -> str:
 def print_ratios(report: dict) -> None:
     for op in ("token_logprob", "grpo_advantage"):
         for key, value in report[op]["ratios"].items():
-            print(f"{op:<15} {key:<34} {'n/a' if value is None else f'{value:8.3f}'}")
+            print(f"{op:<15} {key:<40} {'n/a' if value is None else f'{value:8.3f}'}")
+    for key, value in report["token_logprob"].get("fraction_of_bound", {}).items():
+        if not key.endswith(("bytes", "seconds", "per_s")):
+            print(f"{'token_logprob':<15} {key + ' of bound':<40} {value:8.3f}")
 
 
 def _python_path() -> str:
@@ -250,6 +358,7 @@ def main(argv=None) -> dict:
     report = {
         "command": shlex.join([_python_path(), *sys.argv]),
         "device": device_name(args.device),
+        "cpu_isa": torch.ops.openr1_mega.cpu_isa(),
         "load_average_1m": os.getloadavg()[0],  # other jobs on the machine skew the timings
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
