@@ -67,7 +67,8 @@ def test_rising_max_and_masked_vocab(level):
     and a masked (-inf) vocabulary range, in fp32 and bf16."""
     v = 7000
     ramp = 40.0 * (torch.arange(v) // 1024) + 0.01 * (torch.arange(v) % 97)
-    x = torch.stack([ramp, ramp.flip(0), torch.randn(v, generator=torch.Generator().manual_seed(0))])
+    noise = torch.randn(v, generator=torch.Generator().manual_seed(0))
+    x = torch.stack([ramp, ramp.flip(0), noise])
     x[0, 3000] = 300.0
     x[2, 100:5000] = -math.inf
     t = torch.tensor([3000, 6999, 5])

@@ -21,14 +21,15 @@ and VmHWM read back (exact, no sampling; glibc serves these large tensors with m
 memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_allocated.
 "scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
 (every method but the in-place one must allocate it).
-The machine's limits, measured in the same run (CPU, all threads): a STREAM-style copy of a
-float32 buffer the size of the logits (bytes read + written per second), a read-only sum of it,
-and torch.exp on float32 in L2-sized slices (exp/s). The token_logprob kernel is reported as a
+The machine's limits, measured first in the same run (CPU, all threads): a STREAM-style copy
+of a float32 buffer the size of the logits (bytes read + written per second), a read-only sum
+of it, and torch.exp on float32 in L2-sized slices (exp/s). The kernel is reported as a
 fraction of the memory bound: the bytes it must move (forward: the logits read once; fwd+bwd:
-read twice, the gradient written once) at the copy bandwidth, over its time; the forward also
-against its N*V exps at torch's exp rate. On CUDA the forward's bandwidth is compared with a
-device-to-device copy of the logits. The JSON records the 1-minute load average: the 2-core CI
-machine is shared, so compare the ratios of one run, not times across runs.
+read twice, the gradient written once) at the copy bandwidth, over its time; its forward's
+element rate also against torch.exp's and against its own rate on 4 cache-resident rows (its
+compute ceiling). On CUDA the forward's bandwidth is compared with a device-to-device copy.
+The JSON records the 1-minute load average: the 2-core machine is shared, so compare the
+ratios of one run, not times across runs.
 """
 
 from __future__ import annotations
@@ -166,12 +167,41 @@ def capped(fn, level: str | None):
     return run
 
 
+def cpu_isa() -> str:
+    """The SIMD level the CPU kernels use ("unknown" for a build without the cpu_isa op)."""
+    try:
+        return torch.ops.openr1_mega.cpu_isa()
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
 def kernel_levels(device: str) -> dict:
     """Method name -> SIMD cap of the kernel rows: the best level, plus AVX2 on AVX-512 CPUs."""
     levels = {"kernel": None}
-    if device == "cpu" and torch.ops.openr1_mega.cpu_isa() == "avx512":
+    if device == "cpu" and cpu_isa() == "avx512":
         levels["kernel_avx2"] = "avx2"
     return levels
+
+
+def logprob_methods(args, logits: torch.Tensor, pristine: torch.Tensor) -> dict:
+    """Method name -> (token_logprob function, untimed setup, SIMD cap), compiled last."""
+    methods = {"kernel": (ops.token_logprob, None, None),
+               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None)}
+    for name, level in kernel_levels(args.device).items():
+        methods.setdefault(name, (ops.token_logprob, None, level))
+    methods["eager"] = (eager_token_logprob, None, None)
+    if not args.no_compile:
+        methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
+    return methods
+
+
+def in_cache_rate(logits: torch.Tensor, targets: torch.Tensor, level: str | None,
+                  repeats: int) -> float:
+    """Kernel forward rows/elements per second on 4 rows read again and again (cache-resident):
+    its compute ceiling, free of the memory bound."""
+    rows, ids = logits.detach()[:4].contiguous(), targets[:4]
+    fn = capped(lambda: [ops.token_logprob(rows, ids) for _ in range(64)], level)
+    return 64 * rows.numel() / median_time(fn, repeats, "cpu")
 
 
 def bench_token_logprob(args) -> dict:
@@ -182,40 +212,34 @@ def bench_token_logprob(args) -> dict:
     pristine = logits.detach().clone()  # the in-place backward overwrites the logits
     targets = torch.randint(0, args.vocab, (args.n,), generator=gen, device=args.device)
     grad_out = torch.randn(args.n, generator=gen, device=args.device)
-    levels = kernel_levels(args.device)
-    methods = {"kernel": (ops.token_logprob, None, None),
-               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None),
-               "eager": (eager_token_logprob, None, None)}
-    if "kernel_avx2" in levels:
-        methods["kernel_avx2"] = (ops.token_logprob, None, "avx2")
-    if not args.no_compile:
-        methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
-    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}", flush=True)
-    results = {name: measure(name, capped(logprob_step(fn, logits, targets, grad_out), level),
-                             args.repeats, args.device, setup)
-               for name, (fn, setup, level) in methods.items()}
     grad_bytes = logits.numel() * logits.element_size()
+    out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
+                      "grad_logits_bytes": grad_bytes}}
+    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}", flush=True)
+    if args.device == "cpu":  # first: torch.compile's thread pool would slow these down
+        out["limits"] = cpu_limits(grad_bytes, args.repeats)
+    results = {}
+    for name, (fn, setup, level) in logprob_methods(args, logits, pristine).items():
+        step = capped(logprob_step(fn, logits, targets, grad_out), level)
+        results[name] = measure(name, step, args.repeats, args.device, setup)
+        if name == "inplace":
+            continue  # its forward is the kernel's
+        with torch.no_grad():
+            forward = capped(lambda fn=fn: fn(logits, targets), level)
+            results[name]["forward_seconds"] = median_time(forward, args.repeats, args.device)
+            if args.device == "cpu" and name.startswith("kernel"):
+                results[name]["forward_in_cache_per_s"] = in_cache_rate(logits, targets, level,
+                                                                        args.repeats)
+        print(f"  {name:<11} forward {results[name]['forward_seconds'] * 1e3:8.1f} ms",
+              flush=True)
     for name, r in results.items():  # the in-place grad allocates nothing to subtract
         own = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
         r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
-    forwards = {name: capped(lambda: ops.token_logprob(logits, targets), level)
-                for name, level in levels.items()}
-    forwards["eager"] = lambda: eager_token_logprob(logits, targets)
-    if "compiled" in methods:
-        forwards["compiled"] = lambda: methods["compiled"][0](logits, targets)
-    with torch.no_grad():
-        for name, fn in forwards.items():
-            results[name]["forward_seconds"] = median_time(fn, args.repeats, args.device)
-            print(f"  {name:<11} forward {results[name]['forward_seconds'] * 1e3:8.1f} ms",
-                  flush=True)
-    out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
-                      "grad_logits_bytes": grad_bytes},
-           "results": results, "ratios": _ratios(results)}
+    out["results"], out["ratios"] = results, _ratios(results)
     if args.device == "cuda":
         out["bandwidth"] = _cuda_bandwidth(logits.detach(), results["kernel"]["forward_seconds"],
                                            args.repeats)
     else:
-        out["limits"] = cpu_limits(grad_bytes, args.repeats)
         out["fraction_of_bound"] = fraction_of_bound(results, grad_bytes, logits.numel(),
                                                      out["limits"])
     return out
@@ -238,7 +262,7 @@ def _ratios(results: dict) -> dict:
 
 
 def _fraction(num: float, den: float) -> float | None:
-    return num / den if den > 0 else None
+    return num / den if den > 0 else None  # a peak of 0 bytes has no ratio
 
 
 def cpu_limits(nbytes: int, repeats: int) -> dict:
@@ -267,7 +291,8 @@ def cpu_limits(nbytes: int, repeats: int) -> dict:
 
 
 def fraction_of_bound(results: dict, nbytes: int, n_exps: int, limits: dict) -> dict:
-    """Each kernel method's time against the memory bound (and the forward's against exp/s)."""
+    """Each kernel method's time against the memory bound; the forward's element rate also
+    against torch.exp's (above 1: the kernel's exp outruns torch's) and its own in-cache rate."""
     bw = limits["copy_bytes_per_s"]
     out = {"forward_bytes": nbytes, "fwd_bwd_bytes": 3 * nbytes,
            "forward_bound_seconds": nbytes / bw, "fwd_bwd_bound_seconds": 3 * nbytes / bw}
@@ -280,7 +305,9 @@ def fraction_of_bound(results: dict, nbytes: int, n_exps: int, limits: dict) -> 
             fwd = r["forward_seconds"]
             out[f"{name}_forward"] = out["forward_bound_seconds"] / fwd
             out[f"{name}_forward_bytes_per_s"] = nbytes / fwd
-            out[f"{name}_forward_of_exp_rate"] = n_exps / fwd / limits["exp_fp32_per_s"]
+            out[f"{name}_forward_vs_torch_exp_rate"] = n_exps / fwd / limits["exp_fp32_per_s"]
+            if "forward_in_cache_per_s" in r:
+                out[f"{name}_forward_of_in_cache_rate"] = n_exps / fwd / r["forward_in_cache_per_s"]
     return out
 
 
@@ -336,8 +363,8 @@ def print_ratios(report: dict) -> None:
         for key, value in report[op]["ratios"].items():
             print(f"{op:<15} {key:<40} {'n/a' if value is None else f'{value:8.3f}'}")
     for key, value in report["token_logprob"].get("fraction_of_bound", {}).items():
-        if not key.endswith(("bytes", "seconds", "per_s")):
-            print(f"{'token_logprob':<15} {key + ' of bound':<40} {value:8.3f}")
+        if not key.endswith(("bytes", "seconds", "per_s")):  # fractions; >1: beyond the bound
+            print(f"{'of bound':<15} {key:<40} {value:8.3f}")
 
 
 def _python_path() -> str:
@@ -358,7 +385,7 @@ def main(argv=None) -> dict:
     report = {
         "command": shlex.join([_python_path(), *sys.argv]),
         "device": device_name(args.device),
-        "cpu_isa": torch.ops.openr1_mega.cpu_isa(),
+        "cpu_isa": cpu_isa(),
         "load_average_1m": os.getloadavg()[0],  # other jobs on the machine skew the timings
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
