@@ -1,6 +1,8 @@
 // CPU kernels for token_logprob (see token_logprob.h for the maths).
 //
-// Rows run in parallel with OpenMP; each row is read once forward and once backward. The row
+// Rows run in parallel with OpenMP, scheduled `guided` (shrinking chunks taken as threads come
+// free), so a thread that loses its core to another process for a while does not hold up the
+// rest; each row is read once forward and once backward. The row
 // loops exist three times, and every call picks one by active_cpu_isa() (cpu_isa.h):
 //   avx512, avx2  explicit SIMD (token_logprob_rows.inc on simd_avx512.inc / simd_avx2.inc),
 //                 compiled in `#pragma GCC target` regions, so no -march flag is needed: one
@@ -228,7 +230,7 @@ void token_logprob_partials(const T* logits, LogitsShape shape, const int64_t* t
   const A inv_t = static_cast<A>(1.0 / temperature);
   const bool entropy = out.wsum != nullptr;
   const CpuIsa isa = active_cpu_isa();
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads))
+#pragma omp parallel for schedule(guided) num_threads(threads_for(num_threads))
   for (int64_t r = 0; r < shape.rows; ++r) {
     const T* x = logits + r * shape.row_stride;
     RowStats st;
@@ -253,7 +255,7 @@ void token_logprob_forward(const T* logits, LogitsShape shape, const int64_t* ta
   check_targets(targets, shape.rows, 0, shape.cols);
   const A inv_t = static_cast<A>(1.0 / temperature);
   const CpuIsa isa = active_cpu_isa();
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads))
+#pragma omp parallel for schedule(guided) num_threads(threads_for(num_threads))
   for (int64_t r = 0; r < shape.rows; ++r) {
     const T* x = logits + r * shape.row_stride;
     RowStats st;
@@ -280,7 +282,7 @@ void token_logprob_backward(const T* logits, LogitsShape shape, const int64_t* t
   const A inv_t = static_cast<A>(1.0 / temperature);
   const A lo = baseline::lowest_log(A{});
   const CpuIsa isa = active_cpu_isa();
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads))
+#pragma omp parallel for schedule(guided) num_threads(threads_for(num_threads))
   for (int64_t r = 0; r < shape.rows; ++r) {
     const T* x = logits + r * shape.row_stride;
     T* g = grad_logits + r * grad_stride;

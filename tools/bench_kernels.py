@@ -23,7 +23,7 @@ memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_all
 (every method but the in-place one must allocate it).
 The machine's limits, measured first in the same run (CPU, all threads): a STREAM-style copy
 of a float32 buffer the size of the logits (bytes read + written per second), a read-only sum
-of it, and torch.exp on float32 in L2-sized slices (exp/s). The kernel is reported as a
+of it, and torch.exp on float32 in L2-sized slices (exp/s, one thread times the thread count). The kernel is reported as a
 fraction of the memory bound: the bytes it must move (forward: the logits read once; fwd+bwd:
 read twice, the gradient written once) at the copy bandwidth, over its time; its forward's
 element rate also against torch.exp's and against its own rate on 4 cache-resident rows (its
@@ -195,13 +195,23 @@ def logprob_methods(args, logits: torch.Tensor, pristine: torch.Tensor) -> dict:
     return methods
 
 
+def threads_rate(fn, elements: int, repeats: int) -> float:
+    """Elements per second of fn() on one thread, times the thread count: a compute ceiling
+    free of the barrier waits that small parallel calls suffer on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return elements / median_time(fn, repeats, "cpu") * threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 def in_cache_rate(logits: torch.Tensor, targets: torch.Tensor, level: str | None,
                   repeats: int) -> float:
-    """Kernel forward rows/elements per second on 4 rows read again and again (cache-resident):
-    its compute ceiling, free of the memory bound."""
+    """The kernel forward's elements per second on 4 cache-resident rows (threads_rate)."""
     rows, ids = logits.detach()[:4].contiguous(), targets[:4]
     fn = capped(lambda: [ops.token_logprob(rows, ids) for _ in range(64)], level)
-    return 64 * rows.numel() / median_time(fn, repeats, "cpu")
+    return threads_rate(fn, 64 * rows.numel(), repeats)
 
 
 def bench_token_logprob(args) -> dict:
@@ -279,10 +289,9 @@ def cpu_limits(nbytes: int, repeats: int) -> dict:
         for _ in range(EXP_CALLS):
             torch.exp(chunk, out=out)
 
-    exp_seconds = median_time(exps, repeats, "cpu")
     limits = {"copy_bytes_per_s": 2 * nbytes / copy_seconds,
               "read_bytes_per_s": nbytes / read_seconds,
-              "exp_fp32_per_s": EXP_SLICE * EXP_CALLS / exp_seconds,
+              "exp_fp32_per_s": threads_rate(exps, EXP_SLICE * EXP_CALLS, repeats),
               "buffer_bytes": nbytes}
     print(f"  machine: copy {limits['copy_bytes_per_s'] / 1e9:.2f} GB/s, read "
           f"{limits['read_bytes_per_s'] / 1e9:.2f} GB/s, exp {limits['exp_fp32_per_s'] / 1e9:.2f} "
