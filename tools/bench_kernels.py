@@ -14,29 +14,32 @@ grpo_advantage, forward, B completions in groups of G:
     eager     openr1_mega.ops.reference.grpo_advantage_reference (same outputs, float64)
     compiled  torch.compile(eager)
     trl       (r.view(-1, G) - mean) / (std + eps) in float32, advantages only (for context)
-Time: median over --repeats runs after one warm-up. Peak extra memory: the most memory in use
-during one run above what was in use just before it (inputs allocated). On CPU it is the
-process's resident set: the kernel's high-water mark is reset through /proc/self/clear_refs
-and VmHWM read back (exact, no sampling; glibc serves these large tensors with mmap, so freed
-memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_allocated.
+Time: median over --repeats runs after one warm-up; token_logprob's methods (fwd+bwd and
+forward) and the memory probes are timed in turns, one run of each per round, so that the
+shared machine's changing load hits them alike (their CPU seconds are recorded too).
+Peak extra memory: the most memory in use during one run above what was in use just before
+it (inputs allocated). On CPU it is the process's resident set: the high-water mark is reset
+through /proc/self/clear_refs and VmHWM read back (exact; glibc serves these large tensors with
+mmap, so freed memory leaves the resident set at once). On CUDA: max_memory_allocated.
 "scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
 (every method but the in-place one must allocate it).
-The machine's limits, measured first in the same run (CPU, all threads): a STREAM-style copy
-of a float32 buffer the size of the logits (bytes read + written per second), a read-only sum
-of it, and torch.exp on float32 in L2-sized slices (exp/s, one thread times the thread count). The kernel is reported as a
-fraction of the memory bound: the bytes it must move (forward: the logits read once; fwd+bwd:
-read twice, the gradient written once) at the copy bandwidth, over its time; its forward's
-element rate also against torch.exp's and against its own rate on 4 cache-resident rows (its
-compute ceiling). On CUDA the forward's bandwidth is compared with a device-to-device copy.
-The JSON records the 1-minute load average: the 2-core machine is shared, so compare the
-ratios of one run, not times across runs.
+The machine's limits (CPU, all threads): a STREAM-style copy of a float32 buffer half the size
+of the logits (bytes read + written per second) and a read-only sum of it, both timed in the
+same rounds, and torch.exp on float32 in L2-sized slices (exp/s: one thread, times the thread
+count). The kernel is reported as a fraction of the memory bound: the bytes it must move
+(forward: the logits read once; fwd+bwd: read twice, the gradient written once) at the copy
+bandwidth, over its time; its forward's element rate also against torch.exp's and against its
+own rate on 4 cache-resident rows (its compute ceiling, measured as torch.exp's). On CUDA the
+forward's bandwidth is compared with a device-to-device copy. The JSON records the 1-minute
+load average: the 2-core machine is shared, so compare the ratios of one run, not times
+across runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -92,6 +95,30 @@ def median_time(fn, repeats: int, device: str, setup=None) -> float:
     return statistics.median(times)
 
 
+def round_robin(timed: dict, repeats: int, device: str) -> dict:
+    """Median (wall, CPU) seconds of each `name: (fn, setup)`, timed in turns after one warm-up
+    each: every round runs every fn once, so a change in the machine's load hits all alike.
+    CPU seconds are the process's, all threads; setup() runs untimed."""
+    for fn, setup in timed.values():
+        (setup or _noop)()
+        fn()
+    runs = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, (fn, setup) in timed.items():
+            (setup or _noop)()
+            sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(2))
+            for name, rs in runs.items()}
+
+
+def _noop() -> None:
+    pass
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -142,27 +169,21 @@ def measure(name: str, step, repeats: int, device: str, setup=None) -> dict:
     return {"seconds": seconds, "peak_extra_bytes": peak}
 
 
-@contextlib.contextmanager
-def isa_capped(level: str | None):
-    """Caps the CPU kernels' SIMD level (OPENR1_MEGA_CPU_ISA) inside the block; None: no cap."""
-    old = os.environ.get(ISA_ENV)
-    if level is not None:
-        os.environ[ISA_ENV] = level
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ISA_ENV, None)
-        else:
-            os.environ[ISA_ENV] = old
-
-
 def capped(fn, level: str | None):
-    """fn() run with the kernels capped at `level` (forward and backward alike)."""
+    """fn() with the kernels capped at SIMD `level` (OPENR1_MEGA_CPU_ISA), forward and backward
+    alike; None: no cap."""
 
     def run():
-        with isa_capped(level):
+        old = os.environ.get(ISA_ENV)
+        if level is not None:
+            os.environ[ISA_ENV] = level
+        try:
             return fn()
+        finally:
+            if old is None:
+                os.environ.pop(ISA_ENV, None)
+            else:
+                os.environ[ISA_ENV] = old
 
     return run
 
@@ -175,20 +196,13 @@ def cpu_isa() -> str:
         return "unknown"
 
 
-def kernel_levels(device: str) -> dict:
-    """Method name -> SIMD cap of the kernel rows: the best level, plus AVX2 on AVX-512 CPUs."""
-    levels = {"kernel": None}
-    if device == "cpu" and cpu_isa() == "avx512":
-        levels["kernel_avx2"] = "avx2"
-    return levels
-
-
 def logprob_methods(args, logits: torch.Tensor, pristine: torch.Tensor) -> dict:
-    """Method name -> (token_logprob function, untimed setup, SIMD cap), compiled last."""
+    """Method name -> (token_logprob function, untimed setup, SIMD cap), compiled last; on an
+    AVX-512 CPU also the kernel capped at AVX2."""
     methods = {"kernel": (ops.token_logprob, None, None),
                "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None)}
-    for name, level in kernel_levels(args.device).items():
-        methods.setdefault(name, (ops.token_logprob, None, level))
+    if args.device == "cpu" and cpu_isa() == "avx512":
+        methods["kernel_avx2"] = (ops.token_logprob, None, "avx2")
     methods["eager"] = (eager_token_logprob, None, None)
     if not args.no_compile:
         methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
@@ -214,6 +228,13 @@ def in_cache_rate(logits: torch.Tensor, targets: torch.Tensor, level: str | None
     return threads_rate(fn, 64 * rows.numel(), repeats)
 
 
+def memory_probes(nbytes: int) -> dict:
+    """STREAM-style copy and a read-only sum over a float32 buffer of nbytes (round_robin)."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    return {"copy": (lambda: dst.copy_(src), None), "read": (lambda: src.sum(), None)}
+
+
 def bench_token_logprob(args) -> dict:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device=args.device).manual_seed(0)
@@ -223,33 +244,41 @@ def bench_token_logprob(args) -> dict:
     targets = torch.randint(0, args.vocab, (args.n,), generator=gen, device=args.device)
     grad_out = torch.randn(args.n, generator=gen, device=args.device)
     grad_bytes = logits.numel() * logits.element_size()
-    out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
-                      "grad_logits_bytes": grad_bytes}}
-    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}", flush=True)
-    if args.device == "cpu":  # first: torch.compile's thread pool would slow these down
-        out["limits"] = cpu_limits(grad_bytes, args.repeats)
-    results = {}
-    for name, (fn, setup, level) in logprob_methods(args, logits, pristine).items():
-        step = capped(logprob_step(fn, logits, targets, grad_out), level)
-        results[name] = measure(name, step, args.repeats, args.device, setup)
-        if name == "inplace":
-            continue  # its forward is the kernel's
-        with torch.no_grad():
+    methods = logprob_methods(args, logits, pristine)
+    timed = {}
+    for name, (fn, setup, level) in methods.items():
+        timed[name] = (capped(logprob_step(fn, logits, targets, grad_out), level), setup)
+        if name != "inplace":  # its forward is the kernel's
             forward = capped(lambda fn=fn: fn(logits, targets), level)
-            results[name]["forward_seconds"] = median_time(forward, args.repeats, args.device)
-            if args.device == "cpu" and name.startswith("kernel"):
-                results[name]["forward_in_cache_per_s"] = in_cache_rate(logits, targets, level,
-                                                                        args.repeats)
-        print(f"  {name:<11} forward {results[name]['forward_seconds'] * 1e3:8.1f} ms",
-              flush=True)
-    for name, r in results.items():  # the in-place grad allocates nothing to subtract
+            timed[f"{name}.forward"] = (torch.no_grad()(forward), None)
+    if args.device == "cpu":
+        timed |= memory_probes(grad_bytes // 2)
+    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}: {args.repeats} "
+          f"rounds of {len(timed)} timings", flush=True)
+    times = round_robin(timed, args.repeats, args.device)
+    results = {}
+    for name, (fn, setup, level) in methods.items():
+        r = results[name] = {"seconds": times[name][0], "cpu_seconds": times[name][1]}
+        if f"{name}.forward" in times:
+            r["forward_seconds"] = times[f"{name}.forward"][0]
+        if setup:
+            setup()
+        r["peak_extra_bytes"] = peak_extra_bytes(timed[name][0], args.device)
         own = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
         r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
-    out["results"], out["ratios"] = results, _ratios(results)
+        if args.device == "cpu" and name.startswith("kernel"):
+            r["forward_in_cache_per_s"] = in_cache_rate(logits, targets, level, args.repeats)
+        print(f"  {name:<11} {r['seconds'] * 1e3:9.1f} ms (CPU {r['cpu_seconds'] * 1e3:7.1f} ms)"
+              f"  forward {r.get('forward_seconds', math.nan) * 1e3:8.1f} ms   peak extra "
+              f"{r['peak_extra_bytes'] / 2**20:7.1f} MiB", flush=True)
+    out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
+                      "grad_logits_bytes": grad_bytes},
+           "results": results, "ratios": _ratios(results)}
     if args.device == "cuda":
         out["bandwidth"] = _cuda_bandwidth(logits.detach(), results["kernel"]["forward_seconds"],
                                            args.repeats)
     else:
+        out["limits"] = cpu_limits(times, grad_bytes // 2, args.repeats)
         out["fraction_of_bound"] = fraction_of_bound(results, grad_bytes, logits.numel(),
                                                      out["limits"])
     return out
@@ -275,22 +304,18 @@ def _fraction(num: float, den: float) -> float | None:
     return num / den if den > 0 else None  # a peak of 0 bytes has no ratio
 
 
-def cpu_limits(nbytes: int, repeats: int) -> dict:
-    """Copy and read bandwidth over a float32 buffer of `nbytes`, and torch.exp's float32 rate."""
-    src = torch.rand(nbytes // 4)
-    dst = torch.empty_like(src)
-    copy_seconds = median_time(lambda: dst.copy_(src), repeats, "cpu")
-    read_seconds = median_time(lambda: src.sum(), repeats, "cpu")
-    del dst
-    chunk = src[:EXP_SLICE] * -10
+def cpu_limits(times: dict, nbytes: int, repeats: int) -> dict:
+    """Copy and read bandwidth from the round-robin timings of memory_probes(nbytes), and
+    torch.exp's float32 rate (threads_rate, L2-resident slices)."""
+    chunk = torch.rand(EXP_SLICE) * -10
     out = torch.empty_like(chunk)
 
     def exps():
         for _ in range(EXP_CALLS):
             torch.exp(chunk, out=out)
 
-    limits = {"copy_bytes_per_s": 2 * nbytes / copy_seconds,
-              "read_bytes_per_s": nbytes / read_seconds,
+    limits = {"copy_bytes_per_s": 2 * nbytes / times["copy"][0],
+              "read_bytes_per_s": nbytes / times["read"][0],
               "exp_fp32_per_s": threads_rate(exps, EXP_SLICE * EXP_CALLS, repeats),
               "buffer_bytes": nbytes}
     print(f"  machine: copy {limits['copy_bytes_per_s'] / 1e9:.2f} GB/s, read "
@@ -398,7 +423,8 @@ def main(argv=None) -> dict:
         "load_average_1m": os.getloadavg()[0],  # other jobs on the machine skew the timings
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "method": "median of --repeats after a warm-up; peak extra memory: VmHWM - VmRSS "
+        "method": "median of --repeats after a warm-up (token_logprob: in turns, one run of each "
+                  "method per round); peak extra memory: VmHWM - VmRSS "
                   "(CPU) or max_memory_allocated (CUDA) above the memory in use before the run",
         "token_logprob": bench_token_logprob(args),
         "grpo_advantage": bench_grpo(args),
