@@ -5,8 +5,8 @@
 token_logprob, forward + backward of sum(logp * g) w.r.t. bf16 logits [N, V]:
     kernel    openr1_mega.ops.token_logprob(logits, targets), best SIMD level of the CPU
     inplace   the same with inplace_backward=True (grad written over the logits)
-    kernel_avx2   (CPU with AVX-512 only) the kernel capped at AVX2 (OPENR1_MEGA_CPU_ISA=avx2):
-              the loops an AVX2-only CPU runs, timed on this CPU
+    kernel_avx2, inplace_avx2   (AVX-512 CPUs only) the same capped at AVX2
+              (OPENR1_MEGA_CPU_ISA=avx2): the loops an AVX2-only CPU runs, timed on this CPU
     eager     torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     compiled  torch.compile(eager)
 grpo_advantage, forward, B completions in groups of G:
@@ -203,6 +203,7 @@ def logprob_methods(args, logits: torch.Tensor, pristine: torch.Tensor) -> dict:
                "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None)}
     if args.device == "cpu" and cpu_isa() == "avx512":
         methods["kernel_avx2"] = (ops.token_logprob, None, "avx2")
+        methods["inplace_avx2"] = (methods["inplace"][0], methods["inplace"][1], "avx2")
     methods["eager"] = (eager_token_logprob, None, None)
     if not args.no_compile:
         methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
@@ -248,7 +249,7 @@ def bench_token_logprob(args) -> dict:
     timed = {}
     for name, (fn, setup, level) in methods.items():
         timed[name] = (capped(logprob_step(fn, logits, targets, grad_out), level), setup)
-        if name != "inplace":  # its forward is the kernel's
+        if not name.startswith("inplace"):  # its forward is the kernel's
             forward = capped(lambda fn=fn: fn(logits, targets), level)
             timed[f"{name}.forward"] = (torch.no_grad()(forward), None)
     if args.device == "cpu":
@@ -264,7 +265,7 @@ def bench_token_logprob(args) -> dict:
         if setup:
             setup()
         r["peak_extra_bytes"] = peak_extra_bytes(timed[name][0], args.device)
-        own = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
+        own = r["peak_extra_bytes"] - (0 if name.startswith("inplace") else grad_bytes)
         r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
         if args.device == "cpu" and name.startswith("kernel"):
             r["forward_in_cache_per_s"] = in_cache_rate(logits, targets, level, args.repeats)
@@ -286,7 +287,7 @@ def bench_token_logprob(args) -> dict:
 
 def _ratios(results: dict) -> dict:
     ratios = {}
-    for ours in ("kernel", "inplace", "kernel_avx2"):
+    for ours in ("kernel", "inplace", "kernel_avx2", "inplace_avx2"):
         for name in ("eager", "compiled"):
             if ours in results and name in results:
                 mine, base = results[ours], results[name]
@@ -330,7 +331,7 @@ def fraction_of_bound(results: dict, nbytes: int, n_exps: int, limits: dict) -> 
     bw = limits["copy_bytes_per_s"]
     out = {"forward_bytes": nbytes, "fwd_bwd_bytes": 3 * nbytes,
            "forward_bound_seconds": nbytes / bw, "fwd_bwd_bound_seconds": 3 * nbytes / bw}
-    for name in ("kernel", "inplace", "kernel_avx2"):
+    for name in ("kernel", "inplace", "kernel_avx2", "inplace_avx2"):
         if name not in results:
             continue
         r = results[name]
