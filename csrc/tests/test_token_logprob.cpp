@@ -196,6 +196,20 @@ void check_rising_max() {
   CHECK_CLOSE(ent[0], cooled.entropy, 1e-5, 1e-6);
 }
 
+// One large logit at T = 3: z = x / T is rounded once, for the max as for the target, so
+// logp is exactly 0 (found by tests/test_fuzz.py: an unrounded z - max gave -2.5e-5).
+void check_single_scaled_logit() {
+  std::vector<float> x{1000.0f, 1000.0f, 999.9f};
+  std::vector<int64_t> t{0};
+  std::vector<float> logp(1), lse(1), ent(1);
+  token_logprob_forward(x.data(), {1, 1, 1}, t.data(), 3.0, logp.data(), lse.data(), ent.data(),
+                        1);
+  CHECK(logp[0] == 0.0f && ent[0] == 0.0f);
+  token_logprob_forward(x.data(), {1, 2, 2}, t.data(), 3.0, logp.data(), lse.data(), ent.data(),
+                        1);
+  CHECK_CLOSE(logp[0], -std::log(2.0), 1e-6, 1e-6);
+}
+
 void check_conversions() {
   for (uint32_t h = 0; h < 65536; ++h) {
     const fp16_t x{static_cast<uint16_t>(h)};
@@ -262,6 +276,7 @@ void check_kernels() {
   check_backward<fp16_t>(2, 333, 1.0, 1e-3);
   check_neg_inf();
   check_rising_max();
+  check_single_scaled_logit();
 }
 
 }  // namespace
