@@ -13,6 +13,8 @@
 //   grpo_advantage(rewards, group_index, group_size, num_groups, scale, eps, unbiased,
 //       token_index, response_mask) -> (advantages, token_advantages, group_mean, group_std,
 //       num_zero_std)
+//   cpu_isa() -> str                                     the SIMD level the CPU kernels use now
+//                                                        (avx512 | avx2 | baseline, cpu_isa.h)
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,13 +22,19 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "grpo_advantage.h"
 #include "token_logprob.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #ifdef OPENR1_MEGA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -113,11 +121,30 @@ A* data_or_null(const Tensor& t, bool present) {
   return present ? t.data_ptr<A>() : nullptr;
 }
 
+// A new CPU tensor like `logits` for the gradient, advised for transparent huge pages (Linux
+// with THP in "madvise" or "always" mode; elsewhere plain): glibc serves a [N, V] gradient
+// with a fresh mmap on every backward, and first touching 600 MB in 4 KiB pages is 150,000
+// page faults, which on the 2-core machine took longer than computing the gradient.
+Tensor empty_grad_cpu(const Tensor& logits) {
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + grad.nbytes()) & ~(kHugePage - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: may fail
+  }
+#endif
+  return grad;
+}
+
 // Device backends: the same op bodies call either the OpenMP or the CUDA kernels.
 struct CpuBackend {
   struct Guard {
     explicit Guard(at::Device) {}
   };
+  static Tensor empty_grad(const Tensor& logits) { return empty_grad_cpu(logits); }
   template <typename T>
   static void grpo(const T* r, int64_t n, GroupLayout groups, TokenLayout tokens,
                    AdvantageOptions options, const AdvantageOutputs<T>& out, at::Device) {
@@ -152,6 +179,9 @@ void cuda_check(cudaError_t err) {
 
 struct CudaBackend {
   using Guard = c10::cuda::CUDAGuard;
+  static Tensor empty_grad(const Tensor& logits) {
+    return at::empty(logits.sizes(), logits.options());
+  }
   static cuda::Rows rows(LogitsShape s) { return {s.rows, s.cols, s.row_stride}; }
   template <typename T>
   static void grpo(const T* r, int64_t n, GroupLayout groups, TokenLayout tokens,
@@ -273,7 +303,7 @@ template <typename Backend>
 Tensor token_logprob_bwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start,
                          double temperature, const Tensor& lse, const Tensor& coef_target,
                          const Tensor& coef_p, const OptTensor& coef_plogp) {
-  Tensor grad = at::empty(logits.sizes(), logits.options());
+  Tensor grad = Backend::empty_grad(logits);
   token_logprob_grad_into<Backend>(logits, targets, vocab_start, temperature, lse, coef_target,
                                    coef_p, coef_plogp, grad);
   return grad;
@@ -362,6 +392,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_advantage_op(
   return {adv, token_adv, mean, sd, zero_std};
 }
 
+std::string cpu_isa_op() {
+  std::string name;
+  run_checked([&] { name = cpu_isa_name(active_cpu_isa()); });
+  return name;
+}
+
 }  // namespace
 }  // namespace openr1_mega
 
@@ -378,6 +414,7 @@ TORCH_LIBRARY(openr1_mega, m) {
   m.def("grpo_advantage(Tensor rewards, Tensor? group_index, int group_size, int num_groups, "
         "str scale, float eps, bool unbiased, Tensor? token_index, Tensor? response_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &openr1_mega::cpu_isa_op);
 }
 
 TORCH_LIBRARY_IMPL(openr1_mega, CPU, m) {

@@ -1,5 +1,5 @@
 // Shared pieces of the CPU kernels: 16-bit float storage types and their exact conversions,
-// a vectorisable exp, argument checks that name the argument, and the runtime-dispatch macro.
+// a vectorisable exp, argument checks that name the argument, and a force-inline macro.
 //
 // Plain C++17 with no torch or Python: the kernels are built both into the torch extension
 // (through csrc/bindings.cpp) and into the standalone library that CMake builds and ctest runs.
@@ -136,15 +136,6 @@ inline float exp_fast(float x) {
 }
 
 }  // namespace openr1_mega
-
-// Compile the hot row loops once per x86 ISA level and pick one at load time (GCC/Clang
-// function multiversioning), so the library needs no -march=native and still runs on any CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define OPENR1_MEGA_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define OPENR1_MEGA_CLONES
-#endif
 
 #if defined(__GNUC__)
 #define OPENR1_MEGA_INLINE inline __attribute__((always_inline))

@@ -1,24 +1,38 @@
 // CPU kernels for token_logprob (see token_logprob.h for the maths).
 //
-// Rows run in parallel with OpenMP. Within a row, logits are read once, in blocks of kBlock:
-// convert + scale into an L1-resident buffer while taking the block max, rescale the running
-// sum if the max grew, then sum exp(z - m) over the buffer. The inner loops are `omp simd`
-// reductions over exp_fast, and the row routines are compiled per ISA level (AVX-512, AVX2,
-// baseline) with runtime selection, so no -march flag is needed.
+// Rows run in parallel with OpenMP, scheduled `guided` (shrinking chunks taken as threads come
+// free), so a thread that loses its core to another process for a while does not hold up the
+// rest; each row is read once forward and once backward. The row
+// loops exist three times, and every call picks one by active_cpu_isa() (cpu_isa.h):
+//   avx512, avx2  explicit SIMD (token_logprob_rows.inc on simd_avx512.inc / simd_avx2.inc),
+//                 compiled in `#pragma GCC target` regions, so no -march flag is needed: one
+//                 pass with a running reference, a vector exp, 16-bit conversions in registers;
+//   baseline      the portable loops below (blocks of kBlock converted into an L1 buffer, then
+//                 an `omp simd` sum of exp_fast), auto-vectorised for the default target; also
+//                 the float64 path (std::exp), which gradcheck uses.
 #include "token_logprob.h"
+
+#include "cpu_isa.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if OPENR1_MEGA_X86_SIMD
+#include <immintrin.h>
 #endif
 
 namespace openr1_mega {
 namespace {
 
 constexpr int64_t kBlock = 1024;
+// Lowest log-probability kept: below it exp() is 0 and p * log p must stay 0, not NaN.
+constexpr float kLowestLog = -88.0f;
 
 // Running statistics of one row: max m (as z), and sums in double across blocks.
 struct RowStats {
@@ -27,11 +41,15 @@ struct RowStats {
   double w;
 };
 
+}  // namespace
+
+namespace baseline {
+namespace {
+
 OPENR1_MEGA_INLINE float exp_acc(float x) { return exp_fast(x); }
 OPENR1_MEGA_INLINE double exp_acc(double x) { return std::exp(x); }
 
-// Lowest log-probability kept: below it exp() is 0 and p * log p must stay 0, not NaN.
-OPENR1_MEGA_INLINE float lowest_log(float) { return -88.0f; }
+OPENR1_MEGA_INLINE float lowest_log(float) { return kLowestLog; }
 OPENR1_MEGA_INLINE double lowest_log(double) { return -745.0; }
 
 template <typename T, typename A, bool kEntropy>
@@ -95,45 +113,81 @@ OPENR1_MEGA_INLINE void row_grad_impl(const T* x, int64_t cols, A inv_t, A lse, 
   }
 }
 
-// Non-template entry points per dtype, so that each can be cloned per ISA level.
-#define OPENR1_MEGA_ROW_KERNELS(T, A, SUFFIX)                                                 \
-  OPENR1_MEGA_CLONES void row_stats_##SUFFIX(const T* x, int64_t cols, A inv_t, bool entropy, \
-                                             RowStats* out) {                                 \
-    if (entropy) {                                                                            \
-      row_stats_impl<T, A, true>(x, cols, inv_t, out);                                        \
-    } else {                                                                                  \
-      row_stats_impl<T, A, false>(x, cols, inv_t, out);                                       \
-    }                                                                                         \
-  }                                                                                           \
-  OPENR1_MEGA_CLONES void row_grad_##SUFFIX(const T* x, int64_t cols, A inv_t, A lse, A b,    \
-                                            A c, T* grad) {                                   \
-    row_grad_impl<T, A>(x, cols, inv_t, lse, b, c, grad);                                     \
-  }                                                                                           \
-  OPENR1_MEGA_INLINE void row_stats(const T* x, int64_t cols, A inv_t, bool entropy,          \
-                                    RowStats* out) {                                          \
-    row_stats_##SUFFIX(x, cols, inv_t, entropy, out);                                         \
-  }                                                                                           \
-  OPENR1_MEGA_INLINE void row_grad(const T* x, int64_t cols, A inv_t, A lse, A b, A c,        \
-                                   T* grad) {                                                 \
-    row_grad_##SUFFIX(x, cols, inv_t, lse, b, c, grad);                                       \
-  }
-
-OPENR1_MEGA_ROW_KERNELS(float, float, f32)
-OPENR1_MEGA_ROW_KERNELS(bf16_t, float, bf16)
-OPENR1_MEGA_ROW_KERNELS(fp16_t, float, f16)
-
-// float64 logits: reference-grade precision (std::exp), used by gradcheck; no clones.
-void row_stats(const double* x, int64_t cols, double inv_t, bool entropy, RowStats* out) {
+template <typename T, typename A>
+void row_stats(const T* x, int64_t cols, A inv_t, bool entropy, RowStats* out) {
   if (entropy) {
-    row_stats_impl<double, double, true>(x, cols, inv_t, out);
+    row_stats_impl<T, A, true>(x, cols, inv_t, out);
   } else {
-    row_stats_impl<double, double, false>(x, cols, inv_t, out);
+    row_stats_impl<T, A, false>(x, cols, inv_t, out);
   }
 }
 
-void row_grad(const double* x, int64_t cols, double inv_t, double lse, double b, double c,
-              double* grad) {
-  row_grad_impl<double, double>(x, cols, inv_t, lse, b, c, grad);
+template <typename T, typename A>
+void row_grad(const T* x, int64_t cols, A inv_t, A lse, A b, A c, T* grad) {
+  row_grad_impl<T, A>(x, cols, inv_t, lse, b, c, grad);
+}
+
+}  // namespace
+}  // namespace baseline
+
+#if OPENR1_MEGA_X86_SIMD
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+namespace {
+#include "simd_avx2.inc"
+#include "token_logprob_rows.inc"
+}  // namespace
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_undefined_ps
+namespace avx512 {
+namespace {
+#include "simd_avx512.inc"
+#include "token_logprob_rows.inc"
+}  // namespace
+}  // namespace avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// One row's statistics with the row loop of `isa` (float64 always takes the baseline loop).
+template <typename T, typename A>
+OPENR1_MEGA_INLINE void row_stats(CpuIsa isa, const T* x, int64_t cols, A inv_t, bool entropy,
+                                  RowStats* out) {
+#if OPENR1_MEGA_X86_SIMD
+  if constexpr (!std::is_same_v<T, double>) {
+    if (isa == CpuIsa::kAvx512) {
+      return avx512::row_stats(x, cols, inv_t, entropy, out);
+    }
+    if (isa == CpuIsa::kAvx2) {
+      return avx2::row_stats(x, cols, inv_t, entropy, out);
+    }
+  }
+#endif
+  baseline::row_stats(x, cols, inv_t, entropy, out);
+}
+
+template <typename T, typename A>
+OPENR1_MEGA_INLINE void row_grad(CpuIsa isa, const T* x, int64_t cols, A inv_t, A lse, A b, A c,
+                                 T* grad) {
+#if OPENR1_MEGA_X86_SIMD
+  if constexpr (!std::is_same_v<T, double>) {
+    if (isa == CpuIsa::kAvx512) {
+      return avx512::row_grad(x, cols, inv_t, lse, b, c, grad);
+    }
+    if (isa == CpuIsa::kAvx2) {
+      return avx2::row_grad(x, cols, inv_t, lse, b, c, grad);
+    }
+  }
+#endif
+  baseline::row_grad(x, cols, inv_t, lse, b, c, grad);
 }
 
 void check_shape(LogitsShape shape, double temperature) {
@@ -175,11 +229,12 @@ void token_logprob_partials(const T* logits, LogitsShape shape, const int64_t* t
   check_targets(targets, shape.rows, 0, std::numeric_limits<int64_t>::max());
   const A inv_t = static_cast<A>(1.0 / temperature);
   const bool entropy = out.wsum != nullptr;
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads))
+  const CpuIsa isa = active_cpu_isa();
+#pragma omp parallel for schedule(guided) num_threads(threads_for(num_threads))
   for (int64_t r = 0; r < shape.rows; ++r) {
     const T* x = logits + r * shape.row_stride;
     RowStats st;
-    row_stats(x, shape.cols, inv_t, entropy, &st);
+    row_stats(isa, x, shape.cols, inv_t, entropy, &st);
     out.max[r] = static_cast<A>(st.m);
     out.sumexp[r] = static_cast<A>(st.s);
     if (entropy) {
@@ -199,11 +254,12 @@ void token_logprob_forward(const T* logits, LogitsShape shape, const int64_t* ta
   check_shape(shape, temperature);
   check_targets(targets, shape.rows, 0, shape.cols);
   const A inv_t = static_cast<A>(1.0 / temperature);
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads))
+  const CpuIsa isa = active_cpu_isa();
+#pragma omp parallel for schedule(guided) num_threads(threads_for(num_threads))
   for (int64_t r = 0; r < shape.rows; ++r) {
     const T* x = logits + r * shape.row_stride;
     RowStats st;
-    row_stats(x, shape.cols, inv_t, entropy != nullptr, &st);
+    row_stats(isa, x, shape.cols, inv_t, entropy != nullptr, &st);
     const double log_s = std::log(st.s);
     const double row_lse = st.m + log_s;
     lse[r] = static_cast<A>(row_lse);
@@ -224,8 +280,9 @@ void token_logprob_backward(const T* logits, LogitsShape shape, const int64_t* t
   check_arg(grad_stride >= shape.cols || shape.rows <= 1, "grad_logits",
             "row stride must be >= the vocab size");
   const A inv_t = static_cast<A>(1.0 / temperature);
-  const A lo = lowest_log(A{});
-#pragma omp parallel for schedule(static) num_threads(threads_for(num_threads))
+  const A lo = baseline::lowest_log(A{});
+  const CpuIsa isa = active_cpu_isa();
+#pragma omp parallel for schedule(guided) num_threads(threads_for(num_threads))
   for (int64_t r = 0; r < shape.rows; ++r) {
     const T* x = logits + r * shape.row_stride;
     T* g = grad_logits + r * grad_stride;
@@ -233,11 +290,11 @@ void token_logprob_backward(const T* logits, LogitsShape shape, const int64_t* t
     const bool owned = local >= 0 && local < shape.cols;
     const A x_target = owned ? to_float(x[local]) : A{0};  // read before g may overwrite it
     const A c = coefs.plogp != nullptr ? coefs.plogp[r] : A{0};
-    row_grad(x, shape.cols, inv_t, lse[r], coefs.p[r], c, g);
+    row_grad(isa, x, shape.cols, inv_t, lse[r], coefs.p[r], c, g);
     if (owned) {
       A lp = x_target * inv_t - lse[r];
       lp = lp < lo ? lo : lp;
-      const A p = exp_acc(lp);
+      const A p = baseline::exp_acc(lp);
       g[local] = from_acc<T>((coefs.target[r] + p * (coefs.p[r] + c * lp)) * inv_t);
     }
   }

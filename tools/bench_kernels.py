@@ -3,8 +3,10 @@
     .venv/bin/python tools/bench_kernels.py --device cpu --out bench/results/kernels-cpu.json
 
 token_logprob, forward + backward of sum(logp * g) w.r.t. bf16 logits [N, V]:
-    kernel    openr1_mega.ops.token_logprob(logits, targets)
+    kernel    openr1_mega.ops.token_logprob(logits, targets), best SIMD level of the CPU
     inplace   the same with inplace_backward=True (grad written over the logits)
+    kernel_avx2, inplace_avx2   (AVX-512 CPUs only) the same capped at AVX2
+              (OPENR1_MEGA_CPU_ISA=avx2): the loops an AVX2-only CPU runs, timed on this CPU
     eager     torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     compiled  torch.compile(eager)
 grpo_advantage, forward, B completions in groups of G:
@@ -12,21 +14,32 @@ grpo_advantage, forward, B completions in groups of G:
     eager     openr1_mega.ops.reference.grpo_advantage_reference (same outputs, float64)
     compiled  torch.compile(eager)
     trl       (r.view(-1, G) - mean) / (std + eps) in float32, advantages only (for context)
-Time: median over --repeats runs after one warm-up. Peak extra memory: the most memory in use
-during one run above what was in use just before it (inputs allocated). On CPU it is the
-process's resident set: the kernel's high-water mark is reset through /proc/self/clear_refs
-and VmHWM read back (exact, no sampling; glibc serves these large tensors with mmap, so freed
-memory leaves the resident set at once). On CUDA it is torch.cuda.max_memory_allocated.
+Time: median over --repeats runs after one warm-up; token_logprob's methods (fwd+bwd and
+forward) and the memory probes are timed in turns, one run of each per round, so that the
+shared machine's changing load hits them alike (their CPU seconds are recorded too).
+Peak extra memory: the most memory in use during one run above what was in use just before
+it (inputs allocated). On CPU it is the process's resident set: the high-water mark is reset
+through /proc/self/clear_refs and VmHWM read back (exact; glibc serves these large tensors with
+mmap, so freed memory leaves the resident set at once). On CUDA: max_memory_allocated.
 "scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
-(every method but the in-place one must allocate it). On CUDA the forward's bandwidth
-(N*V*2 bytes read once) is also compared with a device-to-device copy of the logits
-(read + write). The JSON records the 1-minute load average: the 2-core CI machine is shared.
+(every method but the in-place one must allocate it).
+The machine's limits (CPU, all threads): a STREAM-style copy of a float32 buffer half the size
+of the logits (bytes read + written per second) and a read-only sum of it, both timed in the
+same rounds, and torch.exp on float32 in L2-sized slices (exp/s: one thread, times the thread
+count). The kernel is reported as a fraction of the memory bound: the bytes it must move
+(forward: the logits read once; fwd+bwd: read twice, the gradient written once) at the copy
+bandwidth, over its time; its forward's element rate also against torch.exp's and against its
+own rate on 4 cache-resident rows (its compute ceiling, measured as torch.exp's). On CUDA the
+forward's bandwidth is compared with a device-to-device copy. The JSON records the 1-minute
+load average: the 2-core machine is shared, so compare the ratios of one run, not times
+across runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -39,6 +52,10 @@ import torch
 
 from openr1_mega import ops
 from openr1_mega.ops import reference
+
+ISA_ENV = "OPENR1_MEGA_CPU_ISA"
+EXP_SLICE = 1 << 16  # float32 elements per torch.exp call: 256 KiB, stays in L2
+EXP_CALLS = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +93,30 @@ def median_time(fn, repeats: int, device: str, setup=None) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def round_robin(timed: dict, repeats: int, device: str) -> dict:
+    """Median (wall, CPU) seconds of each `name: (fn, setup)`, timed in turns after one warm-up
+    each: every round runs every fn once, so a change in the machine's load hits all alike.
+    CPU seconds are the process's, all threads; setup() runs untimed."""
+    for fn, setup in timed.values():
+        (setup or _noop)()
+        fn()
+    runs = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, (fn, setup) in timed.items():
+            (setup or _noop)()
+            sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(2))
+            for name, rs in runs.items()}
+
+
+def _noop() -> None:
+    pass
 
 
 def _rss_kib(field: str) -> int:
@@ -123,8 +164,76 @@ def measure(name: str, step, repeats: int, device: str, setup=None) -> dict:
     if setup:
         setup()
     peak = peak_extra_bytes(step, device)
-    print(f"  {name:<9} {seconds * 1e3:10.1f} ms   peak extra {peak / 2**20:9.1f} MiB", flush=True)
+    print(f"  {name:<11} {seconds * 1e3:10.1f} ms   peak extra {peak / 2**20:9.1f} MiB",
+          flush=True)
     return {"seconds": seconds, "peak_extra_bytes": peak}
+
+
+def capped(fn, level: str | None):
+    """fn() with the kernels capped at SIMD `level` (OPENR1_MEGA_CPU_ISA), forward and backward
+    alike; None: no cap."""
+
+    def run():
+        old = os.environ.get(ISA_ENV)
+        if level is not None:
+            os.environ[ISA_ENV] = level
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(ISA_ENV, None)
+            else:
+                os.environ[ISA_ENV] = old
+
+    return run
+
+
+def cpu_isa() -> str:
+    """The SIMD level the CPU kernels use ("unknown" for a build without the cpu_isa op)."""
+    try:
+        return torch.ops.openr1_mega.cpu_isa()
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def logprob_methods(args, logits: torch.Tensor, pristine: torch.Tensor) -> dict:
+    """Method name -> (token_logprob function, untimed setup, SIMD cap), compiled last; on an
+    AVX-512 CPU also the kernel capped at AVX2."""
+    methods = {"kernel": (ops.token_logprob, None, None),
+               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None)}
+    if args.device == "cpu" and cpu_isa() == "avx512":
+        methods["kernel_avx2"] = (ops.token_logprob, None, "avx2")
+        methods["inplace_avx2"] = (methods["inplace"][0], methods["inplace"][1], "avx2")
+    methods["eager"] = (eager_token_logprob, None, None)
+    if not args.no_compile:
+        methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
+    return methods
+
+
+def threads_rate(fn, elements: int, repeats: int) -> float:
+    """Elements per second of fn() on one thread, times the thread count: a compute ceiling
+    free of the barrier waits that small parallel calls suffer on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return elements / median_time(fn, repeats, "cpu") * threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def in_cache_rate(logits: torch.Tensor, targets: torch.Tensor, level: str | None,
+                  repeats: int) -> float:
+    """The kernel forward's elements per second on 4 cache-resident rows (threads_rate)."""
+    rows, ids = logits.detach()[:4].contiguous(), targets[:4]
+    fn = capped(lambda: [ops.token_logprob(rows, ids) for _ in range(64)], level)
+    return threads_rate(fn, 64 * rows.numel(), repeats)
+
+
+def memory_probes(nbytes: int) -> dict:
+    """STREAM-style copy and a read-only sum over a float32 buffer of nbytes (round_robin)."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    return {"copy": (lambda: dst.copy_(src), None), "read": (lambda: src.sum(), None)}
 
 
 def bench_token_logprob(args) -> dict:
@@ -135,48 +244,106 @@ def bench_token_logprob(args) -> dict:
     pristine = logits.detach().clone()  # the in-place backward overwrites the logits
     targets = torch.randint(0, args.vocab, (args.n,), generator=gen, device=args.device)
     grad_out = torch.randn(args.n, generator=gen, device=args.device)
-    methods = {"kernel": (ops.token_logprob, None),
-               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine)),
-               "eager": (eager_token_logprob, None)}
-    if not args.no_compile:
-        methods["compiled"] = (torch.compile(eager_token_logprob), None)
-    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}", flush=True)
-    results = {name: measure(name, logprob_step(fn, logits, targets, grad_out), args.repeats,
-                             args.device, setup)
-               for name, (fn, setup) in methods.items()}
     grad_bytes = logits.numel() * logits.element_size()
-    for name, r in results.items():  # the in-place grad allocates nothing to subtract
-        own = r["peak_extra_bytes"] - (0 if name == "inplace" else grad_bytes)
+    methods = logprob_methods(args, logits, pristine)
+    timed = {}
+    for name, (fn, setup, level) in methods.items():
+        timed[name] = (capped(logprob_step(fn, logits, targets, grad_out), level), setup)
+        if not name.startswith("inplace"):  # its forward is the kernel's
+            forward = capped(lambda fn=fn: fn(logits, targets), level)
+            timed[f"{name}.forward"] = (torch.no_grad()(forward), None)
+    if args.device == "cpu":
+        timed |= memory_probes(grad_bytes // 2)
+    print(f"token_logprob fwd+bwd, N={args.n} V={args.vocab} {args.dtype}: {args.repeats} "
+          f"rounds of {len(timed)} timings", flush=True)
+    times = round_robin(timed, args.repeats, args.device)
+    results = {}
+    for name, (fn, setup, level) in methods.items():
+        r = results[name] = {"seconds": times[name][0], "cpu_seconds": times[name][1]}
+        if f"{name}.forward" in times:
+            r["forward_seconds"] = times[f"{name}.forward"][0]
+        if setup:
+            setup()
+        r["peak_extra_bytes"] = peak_extra_bytes(timed[name][0], args.device)
+        own = r["peak_extra_bytes"] - (0 if name.startswith("inplace") else grad_bytes)
         r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
-    with torch.no_grad():
-        results["kernel"]["forward_seconds"] = median_time(
-            lambda: ops.token_logprob(logits, targets), args.repeats, args.device)
-        results["eager"]["forward_seconds"] = median_time(
-            lambda: eager_token_logprob(logits, targets), args.repeats, args.device)
+        if args.device == "cpu" and name.startswith("kernel"):
+            r["forward_in_cache_per_s"] = in_cache_rate(logits, targets, level, args.repeats)
+        print(f"  {name:<11} {r['seconds'] * 1e3:9.1f} ms (CPU {r['cpu_seconds'] * 1e3:7.1f} ms)"
+              f"  forward {r.get('forward_seconds', math.nan) * 1e3:8.1f} ms   peak extra "
+              f"{r['peak_extra_bytes'] / 2**20:7.1f} MiB", flush=True)
     out = {"config": {"n": args.n, "vocab": args.vocab, "dtype": args.dtype,
                       "grad_logits_bytes": grad_bytes},
            "results": results, "ratios": _ratios(results)}
     if args.device == "cuda":
         out["bandwidth"] = _cuda_bandwidth(logits.detach(), results["kernel"]["forward_seconds"],
                                            args.repeats)
+    else:
+        out["limits"] = cpu_limits(times, grad_bytes // 2, args.repeats)
+        out["fraction_of_bound"] = fraction_of_bound(results, grad_bytes, logits.numel(),
+                                                     out["limits"])
     return out
 
 
 def _ratios(results: dict) -> dict:
     ratios = {}
-    for ours in ("kernel", "inplace"):
+    for ours in ("kernel", "inplace", "kernel_avx2", "inplace_avx2"):
         for name in ("eager", "compiled"):
-            if name in results:
+            if ours in results and name in results:
                 mine, base = results[ours], results[name]
                 ratios[f"{ours}_speedup_vs_{name}"] = base["seconds"] / mine["seconds"]
                 for key in ("peak_extra", "scratch"):
                     ratios[f"{ours}_{key}_vs_{name}"] = _fraction(mine[f"{key}_bytes"],
                                                                    base[f"{key}_bytes"])
+                if "forward_seconds" in mine and "forward_seconds" in base:
+                    ratios[f"{ours}_forward_speedup_vs_{name}"] = (base["forward_seconds"]
+                                                                  / mine["forward_seconds"])
     return ratios
 
 
 def _fraction(num: float, den: float) -> float | None:
-    return num / den if den > 0 else None
+    return num / den if den > 0 else None  # a peak of 0 bytes has no ratio
+
+
+def cpu_limits(times: dict, nbytes: int, repeats: int) -> dict:
+    """Copy and read bandwidth from the round-robin timings of memory_probes(nbytes), and
+    torch.exp's float32 rate (threads_rate, L2-resident slices)."""
+    chunk = torch.rand(EXP_SLICE) * -10
+    out = torch.empty_like(chunk)
+
+    def exps():
+        for _ in range(EXP_CALLS):
+            torch.exp(chunk, out=out)
+
+    limits = {"copy_bytes_per_s": 2 * nbytes / times["copy"][0],
+              "read_bytes_per_s": nbytes / times["read"][0],
+              "exp_fp32_per_s": threads_rate(exps, EXP_SLICE * EXP_CALLS, repeats),
+              "buffer_bytes": nbytes}
+    print(f"  machine: copy {limits['copy_bytes_per_s'] / 1e9:.2f} GB/s, read "
+          f"{limits['read_bytes_per_s'] / 1e9:.2f} GB/s, exp {limits['exp_fp32_per_s'] / 1e9:.2f} "
+          "G/s (fp32)", flush=True)
+    return limits
+
+
+def fraction_of_bound(results: dict, nbytes: int, n_exps: int, limits: dict) -> dict:
+    """Each kernel method's time against the memory bound; the forward's element rate also
+    against torch.exp's (above 1: the kernel's exp outruns torch's) and its own in-cache rate."""
+    bw = limits["copy_bytes_per_s"]
+    out = {"forward_bytes": nbytes, "fwd_bwd_bytes": 3 * nbytes,
+           "forward_bound_seconds": nbytes / bw, "fwd_bwd_bound_seconds": 3 * nbytes / bw}
+    for name in ("kernel", "inplace", "kernel_avx2", "inplace_avx2"):
+        if name not in results:
+            continue
+        r = results[name]
+        out[f"{name}_fwd_bwd"] = out["fwd_bwd_bound_seconds"] / r["seconds"]
+        if "forward_seconds" in r:
+            fwd = r["forward_seconds"]
+            out[f"{name}_forward"] = out["forward_bound_seconds"] / fwd
+            out[f"{name}_forward_bytes_per_s"] = nbytes / fwd
+            out[f"{name}_forward_vs_torch_exp_rate"] = n_exps / fwd / limits["exp_fp32_per_s"]
+            if "forward_in_cache_per_s" in r:
+                out[f"{name}_forward_of_in_cache_rate"] = n_exps / fwd / r["forward_in_cache_per_s"]
+    return out
 
 
 def _cuda_bandwidth(logits: torch.Tensor, forward_seconds: float, repeats: int) -> dict:
@@ -229,7 +396,10 @@ def device_name(device: str) -> str:
 def print_ratios(report: dict) -> None:
     for op in ("token_logprob", "grpo_advantage"):
         for key, value in report[op]["ratios"].items():
-            print(f"{op:<15} {key:<34} {'n/a' if value is None else f'{value:8.3f}'}")
+            print(f"{op:<15} {key:<40} {'n/a' if value is None else f'{value:8.3f}'}")
+    for key, value in report["token_logprob"].get("fraction_of_bound", {}).items():
+        if not key.endswith(("bytes", "seconds", "per_s")):  # fractions; >1: beyond the bound
+            print(f"{'of bound':<15} {key:<40} {value:8.3f}")
 
 
 def _python_path() -> str:
@@ -250,10 +420,12 @@ def main(argv=None) -> dict:
     report = {
         "command": shlex.join([_python_path(), *sys.argv]),
         "device": device_name(args.device),
+        "cpu_isa": cpu_isa(),
         "load_average_1m": os.getloadavg()[0],  # other jobs on the machine skew the timings
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "method": "median of --repeats after a warm-up; peak extra memory: VmHWM - VmRSS "
+        "method": "median of --repeats after a warm-up (token_logprob: in turns, one run of each "
+                  "method per round); peak extra memory: VmHWM - VmRSS "
                   "(CPU) or max_memory_allocated (CUDA) above the memory in use before the run",
         "token_logprob": bench_token_logprob(args),
         "grpo_advantage": bench_grpo(args),

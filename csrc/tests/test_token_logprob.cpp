@@ -1,13 +1,17 @@
 // Standalone tests of the token_logprob CPU kernels against a naive float64 implementation:
 // every dtype, odd shapes (V = 1, V not a multiple of 8, V across the 1024-wide block),
-// -inf logits, vocab-split partials, backward (also in place), dtype conversions, exp_fast,
-// and the argument errors.
+// -inf logits, a row max rising block after block, vocab-split partials, backward (also in
+// place), dtype conversions, exp_fast, and the argument errors; the kernel checks run once per
+// SIMD level this CPU has (OPENR1_MEGA_CPU_ISA = baseline, avx2, avx512).
 #include <cmath>
+#include <cstdlib>
+#include <cstdio>
 #include <limits>
 #include <random>
 #include <vector>
 
 #include "check.h"
+#include "cpu_isa.h"
 #include "token_logprob.h"
 
 using namespace openr1_mega;
@@ -165,6 +169,47 @@ void check_neg_inf() {
   CHECK(std::isfinite(grad[1300]));
 }
 
+// Logits that grow by 40 per block of 1024 (a term of exp(80) and more over the first block's
+// max), then fall: the kernels must move their sums to each new max without overflow.
+void check_rising_max() {
+  const int64_t v = 9000;
+  std::vector<float> x(v);
+  for (int64_t i = 0; i < v; ++i) x[i] = i < 6000 ? 40.0f * (i / 1024) + 0.001f * (i % 97) : -3.0f;
+  x[4500] = 300.0f;
+  std::vector<int64_t> t{4500};
+  std::vector<float> logp(1), lse(1), ent(1);
+  token_logprob_forward(x.data(), {1, v, v}, t.data(), 1.0, logp.data(), lse.data(), ent.data(),
+                        1);
+  std::vector<double> z(x.begin(), x.end());
+  const Naive want = naive_row(z, 4500);
+  CHECK_CLOSE(lse[0], want.lse, 1e-6, 1e-6);
+  CHECK_CLOSE(logp[0], want.logp, 1e-6, 1e-6);
+  CHECK_CLOSE(ent[0], want.entropy, 1e-5, 1e-6);
+  x[4500] = 0.0f;  // the max now sits in the last rising block
+  token_logprob_forward(x.data(), {1, v, v}, t.data(), 0.5, logp.data(), lse.data(), ent.data(),
+                        1);
+  for (auto& e : z) e = 0.0;
+  for (int64_t i = 0; i < v; ++i) z[i] = static_cast<double>(x[i]) / 0.5;
+  const Naive cooled = naive_row(z, 4500);
+  CHECK_CLOSE(lse[0], cooled.lse, 1e-6, 1e-6);
+  CHECK_CLOSE(logp[0], cooled.logp, 1e-6, 1e-6);
+  CHECK_CLOSE(ent[0], cooled.entropy, 1e-5, 1e-6);
+}
+
+// One large logit at T = 3: z = x / T is rounded once, for the max as for the target, so
+// logp is exactly 0 (found by tests/test_fuzz.py: an unrounded z - max gave -2.5e-5).
+void check_single_scaled_logit() {
+  std::vector<float> x{1000.0f, 1000.0f, 999.9f};
+  std::vector<int64_t> t{0};
+  std::vector<float> logp(1), lse(1), ent(1);
+  token_logprob_forward(x.data(), {1, 1, 1}, t.data(), 3.0, logp.data(), lse.data(), ent.data(),
+                        1);
+  CHECK(logp[0] == 0.0f && ent[0] == 0.0f);
+  token_logprob_forward(x.data(), {1, 2, 2}, t.data(), 3.0, logp.data(), lse.data(), ent.data(),
+                        1);
+  CHECK_CLOSE(logp[0], -std::log(2.0), 1e-6, 1e-6);
+}
+
 void check_conversions() {
   for (uint32_t h = 0; h < 65536; ++h) {
     const fp16_t x{static_cast<uint16_t>(h)};
@@ -213,9 +258,7 @@ void check_errors() {
                    "logits");
 }
 
-}  // namespace
-
-int main() {
+void check_kernels() {
   for (int64_t v : {1, 7, 8, 1023, 1500, 4099}) {
     check_forward<float>(5, v, 1.0, 1e-5);
     check_forward<double>(3, v, 0.7, 1e-12);
@@ -223,6 +266,7 @@ int main() {
   check_forward<float>(1, 2500, 0.6, 1e-5);
   check_forward<bf16_t>(9, 3001, 1.3, 1e-5);  // exact on the bf16 values: only fp32 sums
   check_forward<fp16_t>(4, 2049, 1.0, 1e-5);
+  check_forward<fp16_t>(2, 21, 0.9, 1e-5);
   check_forward<float>(0, 5, 1.0, 1e-5);
   check_partials_combine(6, 3000, 1111);
   check_partials_combine(3, 9, 4);
@@ -231,6 +275,27 @@ int main() {
   check_backward<bf16_t>(3, 1031, 1.0, 8e-3);  // one bf16 rounding of the result
   check_backward<fp16_t>(2, 333, 1.0, 1e-3);
   check_neg_inf();
+  check_rising_max();
+  check_single_scaled_logit();
+}
+
+}  // namespace
+
+int main() {
+  const CpuIsa best = detected_cpu_isa();
+  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (static_cast<int>(isa) > static_cast<int>(best)) {
+      std::printf("test_token_logprob: %s not supported here, skipped\n", cpu_isa_name(isa));
+      continue;
+    }
+    setenv("OPENR1_MEGA_CPU_ISA", cpu_isa_name(isa), 1);
+    CHECK(active_cpu_isa() == isa);
+    check_kernels();
+  }
+  setenv("OPENR1_MEGA_CPU_ISA", "sse9", 1);
+  EXPECT_THROW_ARG(active_cpu_isa(), "OPENR1_MEGA_CPU_ISA");
+  unsetenv("OPENR1_MEGA_CPU_ISA");
+  CHECK(active_cpu_isa() == best);
   check_conversions();
   check_exp_fast();
   check_errors();
