@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip install -c requirements/constraints.txt
 STAMP  := $(VENV)/.install-stamp
 EXT_STAMP := $(VENV)/.extension-stamp
 CMAKE_BUILD := build/cmake
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/cuda/*.cu)
 
 .PHONY: install extension test test-fast cpp-test demo bench bench-peers lint clean gpu-wheels
 
