@@ -100,6 +100,7 @@ def test_check_weight_sync_tool(tmp_path, arch, layout, rollout_tp):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
     assert result["max_abs_diff"] < 1e-4 and result["moved"] > 1e-2
+    assert result["disk_max_abs_diff"] < 1e-4  # a fresh engine of the same layout on the export
     assert result["layout"] == {**layout, "world": 2} and result["rollout_tp"] == rollout_tp
     hf_bytes = sum(t.numel() * t.element_size() for f in model.glob("*.safetensors")
                    for t in load_file(f).values())

