@@ -36,9 +36,8 @@ def test_fork_streams_continue_and_stay_separate():
     assert torch.equal(torch.cat([first, second]), stream)
     with pytest.raises(ValueError, match="seed 1 already exists"):
         tracker.add("c", 1)
-    with pytest.raises(KeyError, match="not added"):
-        with tracker.fork("missing"):
-            pass
+    with pytest.raises(KeyError, match="not added"), tracker.fork("missing"):
+        pass
 
 
 def _groups_and_seeds(rank, world):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from openr1_mega.utils.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN25_7B = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=3584,
@@ -92,9 +93,7 @@ def bit_exact(a: Path, b: Path) -> bool:
 
 
 def device_info() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = cpu_model()
     mem = next(int(line.split()[1]) * 1024 for line in
                Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
     return {"device": f"CPU: {model}", "cpu_count": os.cpu_count(), "ram_bytes": mem}

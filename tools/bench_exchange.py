@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import socket
 import statistics
 import sys
@@ -33,12 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+from openr1_mega.utils.machine import cpu_model
 
 
 def _batch(args, offset: int = 0):
@@ -164,7 +158,7 @@ def main() -> None:
     seconds = results[0][1]
     median = {k: statistics.median(v) for k, v in seconds.items()}
     report = {
-        "device": f"{_cpu_name()} ({os.cpu_count()} cores visible)",
+        "device": f"{cpu_model()} ({os.cpu_count()} cores visible)",
         "command": "python tools/bench_exchange.py " + " ".join(sys.argv[1:]),
         "load_average_before": load_before, "settings": vars(args) | {"out": None},
         "median_step_seconds": median, "all_step_seconds": seconds,

@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from openr1_mega.utils.flops import train_step_flops
+from openr1_mega.utils.machine import cpu_model
 
 DEMO_RECIPE = ROOT / "examples" / "recipes" / "demo" / "grpo.yaml"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -79,13 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.nproc < 1:
         p.error(f"--steps={args.steps} and --nproc={args.nproc} must be >= 1")
     return args
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def under_torchrun() -> bool:

@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -52,6 +51,7 @@ import torch
 
 from openr1_mega import ops
 from openr1_mega.ops import reference
+from openr1_mega.utils.machine import cpu_model
 
 ISA_ENV = "OPENR1_MEGA_CPU_ISA"
 EXP_SLICE = 1 << 16  # float32 elements per torch.exp call: 256 KiB, stays in L2
@@ -385,12 +385,7 @@ def bench_grpo(args) -> dict:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def print_ratios(report: dict) -> None:

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from openr1_mega.utils.machine import cpu_model
+
 VARIANTS = ("logits", "fused")
 
 
@@ -133,13 +135,6 @@ def memory_model(args) -> dict:
                     "gradient of the slice); the fused path never one"}
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def _spawn(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens),
            "--batch", str(args.batch), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
@@ -174,7 +169,7 @@ def main(argv=None) -> dict:
     for key, value in ratios.items():
         print(f"{key:<30} {value:8.3f}")
     report = {"command": shlex.join(["python", "tools/bench_logprob_stage.py", *sys.argv[1:]]),
-              "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+              "cpu": cpu_model(), "cpu_count": os.cpu_count(),
               "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "config": {k: getattr(args, k) for k in ("tokens", "batch", "vocab", "hidden",
                                                        "chunk", "repeats")},

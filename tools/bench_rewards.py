@@ -36,13 +36,7 @@ from openr1_mega.rl.rewards import get_reward, score_accuracy
 from openr1_mega.rl.rewards.accuracy import _verify_with_status
 from openr1_mega.rl.rewards.pool import shared_pool
 from openr1_mega.rl.rewards.sandbox import detect_isolation
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+from openr1_mega.utils.machine import cpu_model
 
 
 def _rows(path: Path) -> list[dict]:
@@ -143,7 +137,7 @@ def main() -> None:
         print(json.dumps(one_call(args)))
         return
     result = {
-        "device": f"{_cpu_name()} ({os.cpu_count()} cores visible)",
+        "device": f"{cpu_model()} ({os.cpu_count()} cores visible)",
         "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
         "python": platform.python_version(),
         "load_average_before": os.getloadavg(),

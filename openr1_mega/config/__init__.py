@@ -11,6 +11,14 @@ from openr1_mega.config.schema import (
 )
 
 __all__ = [
-    "ArchConfig", "Config", "ModelConfig", "MoEArch", "ParallelConfig", "PrecisionConfig",
-    "apply_overrides", "from_dict", "load_config", "to_dict",
+    "ArchConfig",
+    "Config",
+    "MoEArch",
+    "ModelConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "to_dict",
 ]

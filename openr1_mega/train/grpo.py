@@ -41,9 +41,8 @@ from openr1_mega.config.schema import ModelConfig, ParallelConfig, PrecisionConf
 from openr1_mega.config.train import DataConfig, GrpoConfig, OptimConfig, RolloutConfig, RunConfig
 from openr1_mega.models.hidden import forward_hidden
 from openr1_mega.rl.losses import policy_loss
-from openr1_mega.train import dry_run
+from openr1_mega.train import dry_run, preemption
 from openr1_mega.train import policy as policy_lib
-from openr1_mega.train import preemption
 from openr1_mega.train.cli import parse_entry_args
 from openr1_mega.train.evaluate import accuracy_on
 from openr1_mega.train.guard import BadStepGuard, completion_ids

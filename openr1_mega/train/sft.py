@@ -36,9 +36,8 @@ from openr1_mega.data.chat import encode_conversation, prompt_messages
 from openr1_mega.data.packing import Packed, pack_examples, pad_examples, round_up
 from openr1_mega.data.prompts import load_rows
 from openr1_mega.models.hidden import forward_hidden
-from openr1_mega.train import dry_run
+from openr1_mega.train import dry_run, preemption
 from openr1_mega.train import policy as policy_lib
-from openr1_mega.train import preemption
 from openr1_mega.train.cli import parse_entry_args
 from openr1_mega.train.guard import BadStepGuard
 from openr1_mega.train.logprobs import hidden_to_logprobs
