@@ -5,7 +5,7 @@
 2. SFT on traces of 2-digit addition written by a programmatic solver in the R1
    <think>/<answer> format (examples/recipes/demo/sft.yaml);
 3. GRPO from the SFT checkpoint with vLLM rollouts and the math-verify accuracy reward
-   (examples/recipes/demo/grpo.yaml), evaluated on held-out problems before and during RL.
+   (examples/recipes/demo/grpo.yaml), evaluated on 500 held-out problems before and after RL.
 It prints the held-out accuracy after each stage and writes outputs/demo/grpo/metrics.png.
 Each run starts afresh (`run.overwrite=true`: an earlier demo's outputs are replaced).
 

@@ -6,6 +6,7 @@ one phase of set-up or one collective exchange, named for what it does.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -117,10 +118,17 @@ def items_for_step(rows: list, step: int, count: int, seed: int) -> list:
     out = []
     for k in range(step * count, (step + 1) * count):
         epoch, offset = divmod(k, len(rows))
-        order = list(range(len(rows)))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        out.append(rows[order[offset]])
+        out.append(rows[_epoch_order(len(rows), seed, epoch)[offset]])
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The shuffle of epoch `epoch`, computed once per epoch rather than once per item
+    (a shuffle of the whole dataset per item made each step's host work grow with it)."""
+    order = list(range(size))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return tuple(order)
 
 
 def reward_set(grpo):
