@@ -16,21 +16,19 @@ from the unperturbed one and only the sync can move it there.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from openr1_mega.rl.engine_groups import EngineGroups
 from openr1_mega.rl.rollout import VLLM_CPU_NO_EP
 from openr1_mega.rl.weight_sync import expert_shard, local_expert_slots, stack_experts
 from tests._dist import run_world
+from tests._vllm_helpers import SEQUENCES, hf_logprobs, perturbed_copy
 
 TOL = 1e-4
-SEQUENCES = [[1, 329, 205, 61, 78, 90, 227, 79, 89, 227, 23, 24, 17, 29, 37, 2, 205],
-             [1, 304, 378, 205, 40, 41, 42, 43, 5, 6, 7]]
 
 
 # --------------------------------------------------------------------------- groups
@@ -182,30 +180,6 @@ def test_stack_experts_is_vllms_padded_layout():
 
 
 # ------------------------------------------------------------------------- parity
-def _perturbed_copy(src: Path, dst: Path, seed: int = 1) -> Path:
-    """A copy of the HF dir `src` with every tensor moved by seeded noise."""
-    if not dst.exists():
-        shutil.copytree(src, dst)
-        gen = torch.Generator().manual_seed(seed)
-        for f in sorted(dst.glob("*.safetensors")):
-            part = load_file(f)
-            save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-                       for k, v in part.items()}, f, metadata={"format": "pt"})
-    return dst
-
-
-def _hf_logprobs(model_dir: Path) -> list[torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for seq in SEQUENCES:
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
-            out.append(logp[:-1].gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].float())
-    return out
-
-
 class _Spy:
     """Appends "sync" / "generate" to an engine's transitions when its vLLM instance
     reloads weights or generates, then calls the real method."""
@@ -261,13 +235,13 @@ def _sync_and_score(rank, world, cases, trainer_layout, engine_tp, engine_ep):
 def _check_world(tmp_path, archs, trainer_layout, engine_tp, engine_ep=False, world=2):
     from tests._mcore_helpers import tiny
 
-    cases = [(tiny(tmp_path, arch, tied), _perturbed_copy(tiny(tmp_path, arch, tied),
-                                                          tmp_path / f"{arch}_{tied}_new"))
-             for arch, tied in archs]
+    cases = [(tiny(tmp_path, arch, tied), tmp_path / f"{arch}_{tied}_new") for arch, tied in archs]
+    for base, perturbed in cases:
+        perturbed_copy(base, perturbed)
     ranks = run_world(_sync_and_score, cases, trainer_layout, engine_tp, engine_ep,
                       world_size=world)
     for i, (base, perturbed) in enumerate(cases):
-        want, start = _hf_logprobs(perturbed), _hf_logprobs(base)
+        want, start = hf_logprobs(perturbed), hf_logprobs(base)
         for rank, got in enumerate(r[i] for r in ranks):
             what = f"{base.name} trainer {trainer_layout} -> engine tp={engine_tp}, rank {rank}"
             before = max((torch.from_numpy(b) - s).abs().max().item()

