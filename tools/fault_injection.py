@@ -59,7 +59,8 @@ OVERRIDES = {
     "grpo": {"data": {"num_train": 100, "num_eval": 4}, "rollout": {"max_tokens": 16},
              "grpo": {"steps": 3, "num_iterations": 1, **REWARDS}},
 }
-UNTIMED = re.compile(r"^time/|/seconds$|^tokens_per_second$")
+UNTIMED = re.compile(r"^time/|/seconds$|^tokens_per_second$|^perf/|^gpu/")
+"""Metrics that measure the machine (timings, FLOP/s, GPU state), left out of the comparison."""
 GAP = "sampler/abs_logprob_diff"
 
 
