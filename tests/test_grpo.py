@@ -14,16 +14,18 @@ from tests._dist import run_world
 
 def _completions(vocab: int) -> list[Completion]:
     gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (5 + i,), generator=gen).tolist() for i in range(2)]
     out = []
     for i in range(6):
-        prompt = torch.randint(3, vocab, (5 + i % 2,), generator=gen).tolist()
+        prompt = prompts[i // 3]
         completion = torch.randint(3, vocab, (3 + i,), generator=gen).tolist()
         out.append(Completion(i // 3, prompt, completion, "", "stop",
                               logprobs=[-1.0] * len(completion)))
     return out
 
 
-def _one_grpo_step(rank, world, hf_dir, tp, ep, loss_types=("grpo",)):
+def _one_grpo_step(rank, world, hf_dir, tp, ep, loss_types=("grpo",), shared_prompt=False,
+                   sequence_parallel=False, aux_loss=None):
     """One optimizer step per loss type from the same weights; the first type's metrics at
     the top level, every type's under `by_type`."""
     from megatron.core import parallel_state as ps
@@ -36,17 +38,20 @@ def _one_grpo_step(rank, world, hf_dir, tp, ep, loss_types=("grpo",)):
     from openr1_mega.train.grpo import GrpoLoss
     from openr1_mega.train.step import build_optimizer, train_step, wrap_ddp
 
-    parallel = ParallelConfig(tp=tp, ep=ep)
+    from openr1_mega.train.step import sequence_multiple
+
+    parallel = ParallelConfig(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
     initialize(parallel, seed=0)
     model = build_model(hf_dir, parallel, precision=PrecisionConfig(dtype="fp32"),
-                        model=ModelConfig(attention_backend="sdpa"))
+                        model=ModelConfig(attention_backend="sdpa", moe_aux_loss_coeff=aux_loss))
     ddp = wrap_ddp(model)
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     completions = _completions(vocab)
     advantages = torch.tensor([1.0, -0.5, 0.3, 0.7, 0.2, -0.7])  # sum 1: loss -1/6
     batches = micro_batches(completions, advantages, token_budget=40, pad_id=0,
                             rank=ps.get_data_parallel_rank(),
-                            world=ps.get_data_parallel_world_size())
+                            world=ps.get_data_parallel_world_size(),
+                            width_multiple=sequence_multiple(model), shared_prompt=shared_prompt)
     by_type = {}
     for loss_type in loss_types:
         load_hf_weights(model, hf_dir)
@@ -57,7 +62,11 @@ def _one_grpo_step(rank, world, hf_dir, tp, ep, loss_types=("grpo",)):
                              loss.forward_step, lr=1e-3, metric_names=loss.metric_names,
                              shape=tuple(batches[0].input_ids.shape))
         by_type[loss_type] = {k: metrics[k] for k in ("loss", "grad_norm", "neg_logprob")}
-    return {**by_type[loss_types[0]], "by_type": by_type, "micro_batches": len(batches)}
+    after = loss.logprobs(ddp, batches)  # batch position -> its tokens' log-probs after the step
+    logprobs = {int(i): lp[k][:int(b.mask[k].sum())].tolist()
+                for b, lp in zip(batches, after) for k, i in enumerate(b.index)}
+    return {**by_type[loss_types[0]], "by_type": by_type, "micro_batches": len(batches),
+            "logprobs": logprobs}
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +109,22 @@ def test_every_loss_type_dp2_equals_dp1(tiny):
                     (loss_type, key)
     # bnpo and dapo: one token mean over the whole step (all ranks): -sum(A_b n_b) / sum(n_b)
     assert dp1["bnpo"]["loss"] == pytest.approx(dp1["dapo"]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch, tp, sp", [("qwen2", 1, False), ("qwen2", 2, True),
+                                          ("qwen3_moe", 1, False)])
+def test_shared_prompt_step_equals_one_row_per_completion(tiny, arch, tp, sp):
+    """A prompt computed once for its completions (mask + RoPE positions) gives the step's
+    loss, gradient norm and, after the update, every token's log-prob as one row per
+    completion does (fp32; the attention sums run over other key sets, hence 1e-5). The MoE
+    load-balancing loss is off: it counts the tokens routed, and a shared prompt is routed
+    once instead of G times (a different, intended, balance term)."""
+    plain = run_world(_one_grpo_step, tiny[arch], tp, 1, ("dapo",), False, sp, 0.0,
+                      world_size=tp)[0]
+    shared = run_world(_one_grpo_step, tiny[arch], tp, 1, ("dapo",), True, sp, 0.0,
+                       world_size=tp)[0]
+    assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert shared["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    assert sorted(shared["logprobs"]) == sorted(plain["logprobs"]) == list(range(6))
+    for i, want in plain["logprobs"].items():
+        assert shared["logprobs"][i] == pytest.approx(want, abs=1e-5), i

@@ -30,13 +30,59 @@ def test_every_completion_once_with_equal_shapes_across_ranks(world):
             assert b.mask[real:].sum() == 0 and b.advantages[real:].abs().sum() == 0
 
 
-def test_mask_covers_completion_targets_only():
+def test_only_completion_tokens_are_scored_each_at_the_position_before_it():
     c = Completion(0, [1, 2, 3], [4, 5], "", "stop", logprobs=[-0.1, -0.2])
     (b,) = micro_batches([c], torch.tensor([1.0]), 64, pad_id=0)
-    assert b.input_ids[0].tolist() == [1, 2, 3, 4, 5]
-    assert b.targets[0].tolist() == [2, 3, 4, 5]
-    assert b.mask[0].tolist() == [0, 0, 1, 1]
-    assert b.sampler_logprobs[0].tolist() == pytest.approx([0, 0, -0.1, -0.2])
+    assert b.input_ids[0].tolist() == [1, 2, 3, 4, 5] and b.shared is None
+    assert b.targets[0].tolist() == [4, 5]
+    assert b.sources[0].tolist() == [2, 3]  # token 4 is predicted at position 2 (token 3)
+    assert b.mask[0].tolist() == [1, 1]
+    assert b.sampler_logprobs[0].tolist() == pytest.approx([-0.1, -0.2])
+
+
+def test_shared_prompt_row_scores_every_completion_after_one_prompt():
+    """Row: prompt [1, 2, 3], then completions [4, 5] and [6, 7, 8]; the second one's first
+    token is predicted at the prompt's last position, its positions continue the prompt's,
+    and it never sees the first completion."""
+    completions = [Completion(0, [1, 2, 3], [4, 5], "", "stop", logprobs=[-0.1, -0.2]),
+                   Completion(0, [1, 2, 3], [6, 7, 8], "", "stop", logprobs=[-0.3] * 3)]
+    (b,) = micro_batches(completions, torch.tensor([1.0, -1.0]), 64, pad_id=0,
+                         shared_prompt=True)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert b.targets.tolist() == [[4, 5, 0], [6, 7, 8]]
+    assert b.sources.tolist() == [[2, 3, 0], [2, 5, 6]]
+    assert b.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b.advantages.tolist() == [1.0, -1.0] and b.index.tolist() == [0, 1]
+    layout = b.shared  # one row: flat index = position
+    assert layout.prompt_tokens.tolist() == [[0, 1, 2]]
+    assert layout.completion_tokens.tolist() == [[3, 4, 0], [5, 6, 7]]
+    assert layout.completion_keys[1].tolist() == [0, 1, 2, 5, 6, 7]  # prompt + itself only
+    assert layout.completion_mask[1, 0, 1].tolist() == [1, 1, 1, 1, 1, 0]  # token 7: causal
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_shared_prompt_rows_cover_every_completion_within_the_budget(world):
+    completions, adv = _batch(), torch.arange(11, dtype=torch.float32)
+    for c in completions:  # the completions of a prompt share it
+        c.prompt_ids = [1] * (3 + c.prompt_index)
+    per_rank = [micro_batches(completions, adv, 24, pad_id=0, rank=r, world=world,
+                              shared_prompt=True) for r in range(world)]
+    seen = sorted(int(i) for batches in per_rank for b in batches for i in b.index)
+    assert seen == list(range(11))
+    for batches in per_rank:
+        for b in batches:
+            assert b.input_ids.numel() <= 24
+            assert torch.equal(b.advantages[:len(b.index)], adv[b.index])
+            for k, i in enumerate(b.index.tolist()):
+                expected = completions[i].completion_ids
+                assert b.targets[k, :len(expected)].tolist() == expected
+                row = int(b.sources[k, 0]) % b.input_ids.shape[0]
+                prompt = completions[i].prompt_ids
+                assert b.input_ids[row, :len(prompt)].tolist() == prompt
+    # the shared rows hold fewer tokens than one row per completion
+    shared = sum(int((b.input_ids != 0).sum()) for batches in per_rank for b in batches)
+    assert shared < sum(len(c.prompt_ids) + len(c.completion_ids) for c in completions)
 
 
 def test_truncated_completions_can_be_masked():
@@ -56,8 +102,8 @@ def test_micro_batches_are_built_on_the_requested_device():
     batches = micro_batches(_batch(), torch.arange(11, dtype=torch.float32), 40, pad_id=0,
                             world=2, device=torch.device("meta"))
     for b in batches:
-        for name in ("input_ids", "position_ids", "targets", "mask", "sampler_logprobs",
-                     "advantages", "index"):
+        for name in ("input_ids", "position_ids", "sources", "targets", "mask",
+                     "sampler_logprobs", "advantages", "index"):
             assert getattr(b, name).device.type == "meta", name
 
 

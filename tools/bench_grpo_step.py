@@ -183,17 +183,26 @@ def our_phases(row: dict) -> dict[str, float]:
     return seconds
 
 
-def our_records(rows: list[dict], prompts: list[list[dict]], group_size: int) -> list[dict]:
-    """One record per step: phases, generated and trained tokens, sequence lengths."""
+def our_records(rows: list[dict], prompts: list[list[dict]], group_size: int,
+                shared_prompt: bool = False) -> list[dict]:
+    """One record per step: phases, generated and trained tokens, sequence lengths.
+
+    Trained tokens count every completion with its prompt, as TRL trains them; the sequence
+    lengths (the FLOPs) are what our model computes: with grpo.shared_prompt one row per
+    prompt, the prompt once and its completions after it."""
     records = []
     for row, step_prompts_ in zip(rows, prompts, strict=True):
         count = len(step_prompts_) * group_size
         mean_completion = float(row["completion_length/mean"])
         generated = round(mean_completion * count)
-        prompt_lens = [len(p["prompt_ids"]) for p in step_prompts_ for _ in range(group_size)]
+        prompt_lens = [len(p["prompt_ids"]) for p in step_prompts_]
+        if shared_prompt:
+            seq_lens = [n + group_size * mean_completion for n in prompt_lens]
+        else:
+            seq_lens = [n + mean_completion for n in prompt_lens for _ in range(group_size)]
         records.append({"phases": our_phases(row), "generated_tokens": generated,
-                        "trained_tokens": sum(prompt_lens) + generated,
-                        "seq_lens": [n + mean_completion for n in prompt_lens]})
+                        "trained_tokens": group_size * sum(prompt_lens) + generated,
+                        "seq_lens": seq_lens})
     return records
 
 
@@ -353,7 +362,7 @@ def report(args, recipe, model: Path, rows: list[dict], prompts: list[list[dict]
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     common = {"arch": arch, "recompute": recipe.model.recompute, "peak_tflops": peak["tflops"]}
     g, r = recipe.grpo, recipe.rollout
-    ours = summarize(our_records(rows, prompts, r.group_size), num_devices=world,
+    ours = summarize(our_records(rows, prompts, r.group_size, g.shared_prompt), num_devices=world,
                      num_iterations=g.num_iterations, **common)
     ours["rewards_in_rollout"] = not any("time/rewards" in row for row in rows)
     ours["torch_threads"] = torch.get_num_threads()

@@ -138,6 +138,11 @@ class GrpoConfig:
     """Truncated importance-sampling cap for the sampler/trainer mismatch; None disables."""
     mask_truncated_completions: bool = False
     """Give completions that hit max_tokens no loss (DAPO's overlong filtering)."""
+    shared_prompt: bool = False
+    """Train each prompt once per micro-batch row, its completions after it (each sees the
+    prompt and itself), instead of once per completion: the same log-probs and gradient
+    with fewer tokens through the model (rl/experience.py). Needs SDPA attention
+    (model.attention_backend=sdpa), parallel.pp=1 and parallel.cp=1."""
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
     """Reward name -> weight (names from rl.rewards.get_reward)."""
     reward_params: dict[str, dict] = field(default_factory=dict)

@@ -133,6 +133,17 @@ def check_context(recipe: Any, arch: ArchConfig) -> None:
         raise ValueError(f"sft.seq_length={recipe.sft.seq_length} exceeds {where}")
 
 
+def check_shared_prompt(parallel: Any, backend: str, use_te: bool) -> None:
+    """grpo.shared_prompt rows need an arbitrary attention mask (our SDPA attention) and one
+    activation shape per micro-batch the pipeline schedule does not fix."""
+    if use_te:
+        raise ValueError(f"grpo.shared_prompt needs model.attention_backend=sdpa (got "
+                         f"{backend}, which resolves to Transformer Engine here)")
+    if parallel.pp > 1 or parallel.cp > 1:
+        raise ValueError(f"grpo.shared_prompt needs parallel.pp=1 and parallel.cp=1 (got "
+                         f"pp={parallel.pp}, cp={parallel.cp})")
+
+
 def check_megatron(recipe: Any, arch: ArchConfig, on_cuda: bool | None) -> None:
     """Megatron-Core's TransformerConfig accepts the recipe (its rules beyond ours)."""
     import torch
@@ -145,6 +156,8 @@ def check_megatron(recipe: Any, arch: ArchConfig, on_cuda: bool | None) -> None:
     if recipe.parallel.cp > 1 and not use_te:
         raise ValueError(f"parallel.cp={recipe.parallel.cp} needs Transformer Engine "
                          f"attention (model.attention_backend=te, got {backend})")
+    if hasattr(recipe, "grpo") and recipe.grpo.shared_prompt:
+        check_shared_prompt(recipe.parallel, backend, use_te)
     precision = recipe.precision
     if precision.fp8 and importlib.util.find_spec("transformer_engine") is None:
         # Megatron asks TE's version about MoE + FP8; without TE that is checked at build

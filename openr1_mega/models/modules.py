@@ -5,7 +5,8 @@ SDPAttention  Megatron core-attention interface around
               kernels on GPU, the fused CPU kernel on CPU) instead of Megatron's unfused
               baddbmm + softmax + bmm. GQA runs without repeating K/V (`enable_gqa`).
               Packed sequences (`PackedSeqParams`, qkv_format "thd") get a block-diagonal
-              causal mask built from `cu_seqlens_q`.
+              causal mask built from `cu_seqlens_q`. Shared-prompt rows (`SharedPromptParams`,
+              models/shared_prompt.py) attend prompt and completions apart.
 RMSNorm       the Hugging Face Qwen RMSNorm numerics (normalise in fp32, cast back, then
               scale), which Megatron's torch-norm wrapper lacks; unlike that wrapper it
               allows sequence parallelism (its weight is marked for the TP grad all-reduce).
@@ -26,6 +27,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from openr1_mega.models.shared_prompt import SharedPromptParams, shared_prompt_attention
 
 
 class SDPAttention(MegatronModule):
@@ -56,6 +59,11 @@ class SDPAttention(MegatronModule):
         """
         if attention_bias is not None:
             raise ValueError("SDPAttention: attention_bias is not supported")
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(packed_seq_params, SharedPromptParams):
+            with self._rng_region(dropout):
+                return shared_prompt_attention(query, key, value, packed_seq_params,
+                                               self.softmax_scale, dropout)
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if thd:  # [t, n, d] -> one sequence of t tokens with a block-diagonal mask
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
@@ -63,7 +71,6 @@ class SDPAttention(MegatronModule):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         mask_type = attn_mask_type or self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal and q.shape[2] > 1
-        dropout = self.dropout if self.training else 0.0
         with self._rng_region(dropout):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,

@@ -83,9 +83,12 @@ class CompletionTable:
 
     def entries(self) -> list[TableEntry]:
         """Each completion's metadata as Python values, in batch order."""
-        cols = [self.column(n).long().tolist() for n in
-                ("prompt_index", "prompt_length", "completion_length", "truncated")]
+        cols = self.columns("prompt_index", "prompt_length", "completion_length", "truncated")
         return [TableEntry(p, lp, lc, bool(t)) for p, lp, lc, t in zip(*cols)]
+
+    def columns(self, *names: str) -> list[list[int]]:
+        """Integer columns of TABLE_COLUMNS as Python lists, in batch order."""
+        return [self.column(n).long().tolist() for n in names]
 
     def lengths(self) -> list[int]:
         """Prompt + completion tokens of each completion (what micro-batches are planned on)."""

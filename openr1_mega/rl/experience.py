@@ -1,16 +1,25 @@
-"""Experience: one rollout batch as padded tensors, split into token-budgeted micro-batches.
+"""Experience: one rollout batch as tensors, split into token-budgeted micro-batches.
 
-Shapes (B completions, S = longest prompt + completion in a micro-batch):
-  input_ids [B, S]     prompt + completion tokens, right-padded
-  targets   [B, S-1]   input_ids shifted by one (the token each position predicts)
-  mask      [B, S-1]   1 where the target is a completion token that gets loss
-  sampler_logprobs [B, S-1]  vLLM's log-prob of each completion target, 0 elsewhere
-  advantages [B]
-Right padding keeps every real token's causal context intact, so no attention mask is
-needed; micro-batches group completions of similar length to waste few padded tokens.
-S is rounded up to `width_multiple` (sequence/context parallelism split the sequence across
-ranks); the extra columns are padding with mask 0, so they never reach the loss or metrics.
-Tensors are built on `device`, the model's.
+The model reads rows; the loss reads completions (R rows of width S, C completions, T = the
+longest completion of the micro-batch):
+  input_ids, position_ids [R, S]   tokens of each row, right-padded
+  shared    the attention layout of shared-prompt rows (models/shared_prompt.py), else None
+            (causal attention within each row)
+  sources   [C, T]  the final hidden state that predicts each completion token, as a flat
+                    index s * R + r into the model's [S, R, H] hidden states
+  targets   [C, T]  the completion tokens
+  mask      [C, T]  1 where the target gets loss
+  sampler_logprobs [C, T]  vLLM's log-prob of each completion token
+  advantages [C]
+Only completion tokens are scored: the output layer never runs on prompt or padding
+positions. A row is one prompt + one completion, or, with `shared_prompt_rows`, one copy of a
+prompt followed by several of its completions: each completion attends to the prompt and to
+itself, its RoPE positions continue the prompt's, so its log-probs are those of
+prompt + completion alone, while the prompt is computed once instead of G times.
+Right padding keeps every real token's causal context intact; micro-batches group rows of
+similar length to waste few padded tokens. S is rounded up to `width_multiple` (sequence/
+context parallelism split the sequence across ranks); the extra columns are padding that
+no completion token reads. Tensors are built on `device`, the model's.
 Planning (`plan_micro_batches`, from lengths only) is apart from building
 (`build_micro_batches`, from the completions a rank holds), so that a data-parallel rank
 receives only its own completions (rl/exchange.py) and still builds what planning over the
@@ -25,71 +34,118 @@ from dataclasses import dataclass
 import torch
 
 from openr1_mega.data.packing import round_up
+from openr1_mega.models.shared_prompt import SharedPromptParams, shared_prompt_params
 from openr1_mega.rl.types import Completion
 
 
 @dataclass
 class MicroBatch:
-    """A slice of the rollout batch, ready for the policy forward."""
+    """A slice of the rollout batch, ready for the policy forward (shapes: module docstring)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
+    shared: SharedPromptParams | None
+    sources: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
     sampler_logprobs: torch.Tensor
     advantages: torch.Tensor
     index: torch.Tensor
-    """Positions of the real rows in the rollout batch (empty rows come after them)."""
+    """Positions in the rollout batch of the real completions (empty slots come after them)."""
 
 
 @dataclass(frozen=True)
 class MicroBatchPlan:
-    """Which completions form which micro-batch, for every data-parallel rank at once.
+    """Which rows form which micro-batch, for every data-parallel rank at once.
 
     Made from lengths alone, so every rank computes the same plan from the step's metadata
     (rl/exchange.py) before it holds any completion. Positions index the rollout batch.
     """
 
     groups: list[list[int]]
-    """Batch positions of each micro-batch over all ranks; rank r takes group[r::world]."""
+    """Row ids of each micro-batch over all ranks; rank r takes group[r::world]."""
     shapes: list[tuple[int, int]]
     """(rows, width) of each micro-batch, the same on every rank."""
     world: int
     """Data-parallel ranks the plan is dealt to."""
+    rows: list[list[int]]
+    """Batch positions of the completions of each row (one, or a prompt's several when
+    prompts are shared)."""
+    shared_prompt: bool = False
+    """Rows hold one prompt and several of its completions (`shared_prompt_rows`)."""
 
     def positions(self, rank: int) -> list[int]:
         """Batch positions data-parallel `rank` trains on, ascending."""
-        return sorted(i for group in self.groups for i in group[rank::self.world])
+        return sorted(i for group in self.groups for row in group[rank::self.world]
+                      for i in self.rows[row])
 
     def trainer_of(self, num_completions: int) -> list[int]:
         """The data-parallel rank that trains each batch position, [num_completions]."""
         owner = [-1] * num_completions
         for group in self.groups:
-            for k, i in enumerate(group):
-                owner[i] = k % self.world
+            for k, row in enumerate(group):
+                for i in self.rows[row]:
+                    owner[i] = k % self.world
         return owner
 
 
+def shared_prompt_rows(prompt_indices: Sequence[int], prompt_lengths: Sequence[int],
+                       completion_lengths: Sequence[int], token_budget: int,
+                       width_multiple: int = 1) -> tuple[list[list[int]], list[int]]:
+    """Rows of one prompt followed by its completions, and each row's tokens.
+
+    A prompt's completions (batch order) fill rows of at most `token_budget` tokens (the
+    prompt counted once per row, widths rounded to `width_multiple`); a completion that
+    does not fit even alone gets a row of its own, which planning then reports.
+    """
+    by_prompt: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_indices):
+        by_prompt.setdefault(p, []).append(i)
+    rows, lengths = [], []
+    for p, members in by_prompt.items():
+        prompt = prompt_lengths[members[0]]
+        if any(prompt_lengths[i] != prompt for i in members):
+            raise ValueError(f"prompt {p}: its completions carry prompts of different lengths "
+                             f"{sorted({prompt_lengths[i] for i in members})}")
+        row, used = [], prompt
+        for i in members:
+            if row and round_up(used + completion_lengths[i], width_multiple) > token_budget:
+                rows.append(row)
+                lengths.append(used)
+                row, used = [], prompt
+            row.append(i)
+            used += completion_lengths[i]
+        rows.append(row)
+        lengths.append(used)
+    return rows, lengths
+
+
 def plan_micro_batches(lengths: Sequence[int], token_budget: int, world: int = 1, *,
-                       width_multiple: int = 1, uniform: bool = False) -> MicroBatchPlan:
+                       width_multiple: int = 1, uniform: bool = False,
+                       rows: list[list[int]] | None = None) -> MicroBatchPlan:
     """Plan micro-batches of at most `token_budget` padded tokens per rank.
 
-    `lengths` are prompt + completion tokens of each completion of the whole batch. The
-    completions sorted by length are grouped so that each group, split round-robin over the
-    `world` ranks, fits the budget per rank. Every rank then runs the same number of
-    micro-batches with the same shapes (short slices get empty rows, mask 0), which MoE
-    expert parallelism needs: its token dispatch is a collective inside every forward. With
-    `uniform` (pipeline parallelism: stages exchange one fixed activation shape) every
-    micro-batch has the same [rows, width]: the step's longest width and as many rows as fit
-    the budget. Raises ValueError when a single completion is longer than the budget.
+    `lengths[k]` are the tokens of row k; `rows[k]` the batch positions of its completions
+    (default: row k is completion k, prompt + completion tokens; `shared_prompt_rows` makes
+    rows of several). The rows sorted by length are grouped so that each group, split
+    round-robin over the `world` ranks, fits the budget per rank. Every rank then runs the
+    same number of micro-batches with the same shapes (short slices get empty rows),
+    which MoE expert parallelism needs: its token dispatch is a collective inside every
+    forward. With `uniform` (pipeline parallelism: stages exchange one fixed activation
+    shape) every micro-batch has the same [rows, width]: the step's longest width and as
+    many rows as fit the budget. Raises ValueError when a single row is longer than the
+    budget.
     """
+    shared = rows is not None
+    rows = [[k] for k in range(len(lengths))] if rows is None else rows
     lengths = [round_up(n, width_multiple) for n in lengths]
-    too_long = [i for i, n in enumerate(lengths) if n > token_budget]
+    too_long = [k for k, n in enumerate(lengths) if n > token_budget]
     if too_long:
-        raise ValueError(f"completion {too_long[0]} has {lengths[too_long[0]]} tokens (padded "
-                         f"to a multiple of {width_multiple}) > "
+        k = too_long[0]
+        raise ValueError(f"completion {rows[k][0]} has {lengths[k]} tokens with its prompt "
+                         f"(padded to a multiple of {width_multiple}) > "
                          f"grpo.micro_batch_tokens={token_budget}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = sorted(range(len(lengths)), key=lambda k: lengths[k])
     if uniform:
         width = max(lengths)
         per_rank = token_budget // width
@@ -98,7 +154,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int, world: int = 1
     else:
         groups = _budget_groups(order, lengths, token_budget, world)
         shapes = [(-(-len(g) // world), max(lengths[j] for j in g)) for g in groups]
-    return MicroBatchPlan(groups, shapes, world)
+    return MicroBatchPlan(groups, shapes, world, rows, shared)
 
 
 def build_micro_batches(plan: MicroBatchPlan, rows: Mapping[int, Completion],
@@ -116,22 +172,31 @@ def build_micro_batches(plan: MicroBatchPlan, rows: Mapping[int, Completion],
     advantages = advantages.to(device=device, dtype=torch.float32)
     batches = []
     for group, (num_rows, width) in zip(plan.groups, plan.shapes):
-        mine = group[rank::plan.world]
-        batches.append(_collate([rows[i] for i in mine], advantages[mine],
-                                torch.tensor(mine, dtype=torch.long, device=device), pad_id,
-                                mask_truncated, num_rows=num_rows, width=width, device=device))
+        members = [plan.rows[k] for k in group[rank::plan.world]]
+        batch = _Layout(num_rows, width, pad_id, mask_truncated)
+        for r, positions in enumerate(members):
+            batch.add_row(r, [rows[i] for i in positions])
+        mine = [i for positions in members for i in positions]
+        batches.append(batch.finish(advantages[mine], torch.tensor(mine, dtype=torch.long),
+                                    plan.shared_prompt, device))
     return batches
 
 
 def micro_batches(completions: list[Completion], advantages: torch.Tensor, token_budget: int,
                   pad_id: int, mask_truncated: bool = False, rank: int = 0, world: int = 1,
-                  *, width_multiple: int = 1, uniform: bool = False,
+                  *, width_multiple: int = 1, uniform: bool = False, shared_prompt: bool = False,
                   device: torch.device | str = "cpu") -> list[MicroBatch]:
     """This data-parallel rank's micro-batches when every rank holds the whole batch:
-    `plan_micro_batches` over all completions, then `build_micro_batches`."""
-    plan = plan_micro_batches([len(c.prompt_ids) + len(c.completion_ids) for c in completions],
-                              token_budget, world, width_multiple=width_multiple,
-                              uniform=uniform)
+    `plan_micro_batches` over all completions (rows of `shared_prompt_rows` with
+    `shared_prompt`), then `build_micro_batches`."""
+    lengths = [len(c.prompt_ids) + len(c.completion_ids) for c in completions]
+    rows = None
+    if shared_prompt:
+        rows, lengths = shared_prompt_rows(
+            [c.prompt_index for c in completions], [len(c.prompt_ids) for c in completions],
+            [len(c.completion_ids) for c in completions], token_budget, width_multiple)
+    plan = plan_micro_batches(lengths, token_budget, world, width_multiple=width_multiple,
+                              uniform=uniform, rows=rows)
     return build_micro_batches(plan, dict(enumerate(completions)), advantages, pad_id,
                                mask_truncated, rank, device)
 
@@ -151,24 +216,53 @@ def _budget_groups(order: list[int], lengths: list[int], token_budget: int, worl
     return groups
 
 
-def _collate(rows: list[Completion], advantages: torch.Tensor, index: torch.Tensor,
-             pad_id: int, mask_truncated: bool, num_rows: int, width: int,
-             device: torch.device | str) -> MicroBatch:
-    """[num_rows, width] tensors on `device`; rows past len(rows) are empty (all padding,
-    mask 0). Filled on the host, then moved in one copy per tensor."""
-    ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(num_rows, width - 1)
-    sampler = torch.zeros(num_rows, width - 1)
-    for b, c in enumerate(rows):
-        p, n = len(c.prompt_ids), len(c.completion_ids)
-        ids[b, :p + n] = torch.tensor(c.prompt_ids + c.completion_ids)
-        if not (mask_truncated and c.truncated):
-            mask[b, p - 1:p - 1 + n] = 1.0
-        if c.logprobs:
-            sampler[b, p - 1:p - 1 + n] = torch.tensor(c.logprobs)
-    adv = torch.zeros(num_rows, device=device)
-    adv[:len(rows)] = advantages
-    ids = ids.to(device)
-    positions = torch.arange(width, device=device).expand(num_rows, -1)
-    return MicroBatch(ids, positions, ids[:, 1:], mask.to(device), sampler.to(device), adv,
-                      index)
+class _Layout:
+    """One micro-batch filled on the host row by row, then moved in one copy per tensor."""
+
+    def __init__(self, num_rows: int, width: int, pad_id: int, mask_truncated: bool):
+        self.num_rows, self.width = num_rows, width
+        self.pad_id, self.mask_truncated = pad_id, mask_truncated
+        self.ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+        self.positions = torch.arange(width).repeat(num_rows, 1)
+        self.rows: list[tuple[int, list[int]]] = []
+        """(prompt tokens, [completion tokens, ...]) of each filled row."""
+        self.completions: list[tuple[torch.Tensor, Completion]] = []
+
+    def add_row(self, r: int, completions: list[Completion]) -> None:
+        """Row r: the prompt once, then each completion; records where each is scored."""
+        prompt = completions[0].prompt_ids
+        p = len(prompt)
+        self.ids[r, :p] = torch.tensor(prompt)
+        start = p
+        for c in completions:
+            n = len(c.completion_ids)
+            self.ids[r, start:start + n] = torch.tensor(c.completion_ids, dtype=torch.long)
+            self.positions[r, start:start + n] = torch.arange(p, p + n)
+            source = torch.arange(start - 1, start + n - 1)  # the token before each one ...
+            source[:1] = p - 1  # ... the first one's is the prompt's last
+            self.completions.append((source * self.num_rows + r, c))
+            start += n
+        self.rows.append((p, [len(c.completion_ids) for c in completions]))
+
+    def finish(self, advantages: torch.Tensor, index: torch.Tensor, shared_prompt: bool,
+               device: torch.device | str) -> MicroBatch:
+        steps = max([len(c.completion_ids) for _, c in self.completions] + [1])
+        count = max(len(self.completions), 1)
+        sources = torch.zeros(count, steps, dtype=torch.long)
+        targets = torch.full((count, steps), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(count, steps)
+        sampler = torch.zeros(count, steps)
+        for k, (source, c) in enumerate(self.completions):
+            n = len(c.completion_ids)
+            sources[k, :n] = source
+            targets[k, :n] = torch.tensor(c.completion_ids, dtype=torch.long)
+            mask[k, :n] = 0.0 if self.mask_truncated and c.truncated else 1.0
+            if c.logprobs:
+                sampler[k, :n] = torch.tensor(c.logprobs)
+        adv = torch.zeros(count, device=device)
+        adv[:len(advantages)] = advantages
+        shared = shared_prompt_params(self.rows, self.num_rows, self.width, device) \
+            if shared_prompt else None
+        return MicroBatch(self.ids.to(device), self.positions.to(device), shared,
+                          sources.to(device), targets.to(device), mask.to(device),
+                          sampler.to(device), adv, index.to(device))

@@ -182,14 +182,13 @@ class GrpoLoss:
         """Policy forward of (batch, old, ref) to the final hidden states; the loss runs on
         the last pipeline stage, fused with the output layer (no [B, S, V] logits)."""
         batch, old, ref = item
-        return forward_hidden(model, batch.input_ids, batch.position_ids, None), \
-            functools.partial(self._loss, model, batch, old, ref)
+        return _forward(model, batch), functools.partial(self._loss, model, batch, old, ref)
 
     def logprobs(self, model, batches: list) -> list:
-        """Token log-probs [B, S-1] of each micro-batch under `model`, without gradients
+        """Token log-probs [C, T] of each micro-batch under `model`, without gradients
         (old / reference policy); None entries on stages other than the last."""
         def step(batch, chunk):
-            return forward_hidden(chunk, batch.input_ids, batch.position_ids, None), \
+            return _forward(chunk, batch), \
                 lambda hidden: (hidden.new_zeros(()),
                                 {"logp": self._token_logprobs(chunk, hidden, batch)})
 
@@ -218,9 +217,18 @@ class GrpoLoss:
         return scaled_loss(loss, self.num_microbatches), reduced
 
     def _token_logprobs(self, model, hidden: torch.Tensor, batch) -> torch.Tensor:
-        """log p(target) [B, S-1] from the final hidden states, at the sampler's temperature."""
+        """log p(target) [C, T] of the completion tokens from the final hidden states, at
+        the sampler's temperature."""
         return hidden_to_logprobs(model, hidden, batch.targets, self.vocab_size,
-                                  self.temperature)
+                                  self.temperature, sources=batch.sources)
+
+
+def _forward(model, batch) -> torch.Tensor:
+    """The policy's final hidden states for a micro-batch's rows; shared-prompt rows carry
+    their own attention layout and RoPE positions (rl/experience.py)."""
+    return forward_hidden(model, batch.input_ids, batch.position_ids, None,
+                          rope_positions=batch.shared is not None,
+                          packed_seq_params=batch.shared)
 
 
 def _plan_shape(batches: list) -> tuple[int, int]:

@@ -50,7 +50,8 @@ def logits_to_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: 
 
 def hidden_to_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                        vocab_size: int, temperature: float = 1.0,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                       chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       sources: torch.Tensor | None = None) -> torch.Tensor:
     """log p(targets) from the last stage's final hidden states, never forming [B, S, V] logits.
 
     Args:
@@ -61,11 +62,16 @@ def hidden_to_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: to
         vocab_size: the real vocabulary; padded columns >= it are masked out.
         temperature: T > 0, the sampler's.
         chunk_size: tokens per chunk of the output-layer matmul.
+        sources: [C, T] flat indices s * B + sequence of the hidden states that score
+            `targets` [C, T] (rl/experience.py: completion tokens only, shared-prompt rows);
+            None scores targets[b, t] at position t as above.
 
     Returns:
-        fp32 [B, T], differentiable w.r.t. hidden and the output weight; equal on every TP rank.
+        fp32 targets-shaped, differentiable w.r.t. hidden and the output weight; equal on
+        every TP rank.
     """
-    return _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, False)[0]
+    return _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, False,
+                      sources)[0]
 
 
 def hidden_to_logprobs_entropy(model: torch.nn.Module, hidden: torch.Tensor,
@@ -76,18 +82,20 @@ def hidden_to_logprobs_entropy(model: torch.nn.Module, hidden: torch.Tensor,
     return _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, True)
 
 
-def _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, with_entropy):
+def _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, with_entropy,
+               sources=None):
     layer, weight = unwrap(model).output_layer, output_weight(model)
     full = _output_layer_input(layer, hidden).to(weight.dtype)  # [S, B, H]
     seq, batch = full.shape[:2]
+    if sources is not None:
+        return _scored_at(layer, weight, full, targets, sources, vocab_size, temperature,
+                          chunk_size)
     if targets.dim() != 2 or targets.shape[0] != batch or targets.shape[1] > seq:
         raise ValueError(f"targets: expected [{batch}, T <= {seq}] for hidden states of "
                          f"{seq} positions x {batch} sequences, got {tuple(targets.shape)}")
     steps, flat_targets = targets.shape[1], targets.T.reshape(-1)
     rows = full[:steps].reshape(steps * batch, full.shape[2])  # [T*B, H], a view
-    tp = _group_size(layer.tp_group)
-    split = {"vocab_start": _group_rank(layer.tp_group) * weight.shape[0] if tp > 1 else 0,
-             "group": layer.tp_group if tp > 1 else None, "vocab_size": vocab_size}
+    split = _vocab_split(layer, weight, vocab_size)
     if with_entropy:
         logp, entropy = ops.fused_linear_token_logprob_entropy(
             rows, weight, flat_targets, temperature, chunk_size, **split)
@@ -95,6 +103,24 @@ def _hidden_to(model, hidden, targets, vocab_size, temperature, chunk_size, with
     logp = ops.fused_linear_token_logprob(rows, weight, flat_targets, temperature, chunk_size,
                                           **split)
     return _batch_major(logp, batch), None
+
+
+def _scored_at(layer, weight, full, targets, sources, vocab_size, temperature, chunk_size):
+    """Log-probs [C, T] of `targets` scored at the flat `sources` of hidden states [S, B, H]."""
+    if sources.shape != targets.shape or targets.dim() != 2:
+        raise ValueError(f"sources {tuple(sources.shape)} and targets {tuple(targets.shape)} "
+                         f"must be the same [C, T]")
+    rows = full.reshape(-1, full.shape[2]).index_select(0, sources.reshape(-1))  # [C*T, H]
+    logp = ops.fused_linear_token_logprob(rows, weight, targets.reshape(-1), temperature,
+                                          chunk_size, **_vocab_split(layer, weight, vocab_size))
+    return logp.view(targets.shape), None
+
+
+def _vocab_split(layer, weight, vocab_size: int) -> dict:
+    """Where this TP rank's slice of the output layer starts, its group, the real vocab."""
+    tp = _group_size(layer.tp_group)
+    return {"vocab_start": _group_rank(layer.tp_group) * weight.shape[0] if tp > 1 else 0,
+            "group": layer.tp_group if tp > 1 else None, "vocab_size": vocab_size}
 
 
 def _batch_major(values: torch.Tensor, batch: int) -> torch.Tensor:

@@ -26,7 +26,11 @@ from openr1_mega.parallel.init import initialize
 from openr1_mega.rl import exchange
 from openr1_mega.rl.engine_groups import EngineGroups
 from openr1_mega.rl.exchange import ScoredRollout
-from openr1_mega.rl.experience import build_micro_batches, plan_micro_batches
+from openr1_mega.rl.experience import (
+    build_micro_batches,
+    plan_micro_batches,
+    shared_prompt_rows,
+)
 from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 from openr1_mega.rl.types import Completion, SamplingConfig
 from openr1_mega.train.step import (
@@ -200,10 +204,14 @@ def rollout_and_score(ctx: Context, rewards, prompts: list[dict], completions: l
     scored = exchange.score(completions, prompts, ctx.engines, rewards, r.group_size,
                             g.advantage_scale, device=ctx.device)
     scored.metrics = {f"reward/{k}": v for k, v in scored.metrics.items()}
-    dp_rank = ps.get_data_parallel_rank()
-    plan = plan_micro_batches(scored.table.lengths(), g.micro_batch_tokens,
-                              ps.get_data_parallel_world_size(),
-                              width_multiple=sequence_multiple(ctx.model),
+    dp_rank, multiple = ps.get_data_parallel_rank(), sequence_multiple(ctx.model)
+    lengths, rows = scored.table.lengths(), None
+    if g.shared_prompt:
+        rows, lengths = shared_prompt_rows(*scored.table.columns(
+            "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens,
+            multiple)
+    plan = plan_micro_batches(lengths, g.micro_batch_tokens, ps.get_data_parallel_world_size(),
+                              width_multiple=multiple, rows=rows,
                               uniform=ps.get_pipeline_model_parallel_world_size() > 1)
     rows = exchange.deliver(scored, plan, dp_rank, ctx.engines, prompts, device=ctx.device)
     return scored, build_micro_batches(plan, rows, scored.stats.advantages, ctx.pad_id,
