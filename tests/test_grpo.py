@@ -36,9 +36,7 @@ def _one_grpo_step(rank, world, hf_dir, tp, ep, loss_types=("grpo",), shared_pro
     from openr1_mega.models.build import build_model
     from openr1_mega.parallel.init import initialize
     from openr1_mega.train.grpo import GrpoLoss
-    from openr1_mega.train.step import build_optimizer, train_step, wrap_ddp
-
-    from openr1_mega.train.step import sequence_multiple
+    from openr1_mega.train.step import build_optimizer, sequence_multiple, train_step, wrap_ddp
 
     parallel = ParallelConfig(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
     initialize(parallel, seed=0)
