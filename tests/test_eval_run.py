@@ -145,3 +145,19 @@ def test_completions_of_gold_solutions_score_high(tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"id": "nope", "completion": "x"}) + "\n")
         main(["--tasks", "math500", "--completions", str(bad)])
+
+
+def test_completion_text_is_the_decoded_tokens_with_or_without_stop_strings(
+        engine_and_tokenizer):
+    """Without stop strings vLLM skips detokenizing (rl/rollout.py) and the text is decoded
+    once from the tokens; with them vLLM's detokenizer runs. Same seed: same tokens, and the
+    text spells them either way (special tokens skipped, as TRL decodes completions)."""
+    engine, tokenizer = engine_and_tokenizer
+    prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("Name a prime.")]
+    plain = engine.generate(prompts, _sampling(max_tokens=12), step=5)
+    stopped = engine.generate(prompts, _sampling(max_tokens=12, stop=("\x00never",)), step=5)
+    assert [c.completion_ids for c in plain] == [c.completion_ids for c in stopped]
+    for c in plain:
+        assert c.text == tokenizer.decode(c.completion_ids, skip_special_tokens=True)
+        assert len(c.logprobs) == len(c.completion_ids)
+    assert any(c.text for c in stopped)
