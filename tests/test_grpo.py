@@ -85,10 +85,14 @@ def test_tp2_step_equals_tp1(tiny):
 
 
 def test_moe_ep2_step_runs_and_matches_ep1(tiny):
-    ep1 = run_world(_one_grpo_step, tiny["qwen3_moe"], 1, 1, world_size=1)[0]
-    ep2 = run_world(_one_grpo_step, tiny["qwen3_moe"], 1, 2, world_size=2)
+    ep1 = run_world(_one_grpo_step, tiny["qwen3_moe"], 1, 1, ("grpo",), False, False, 0.0,
+                    world_size=1)[0]
+    ep2 = run_world(_one_grpo_step, tiny["qwen3_moe"], 1, 2, ("grpo",), False, False, 0.0,
+                    world_size=2)
     # EP=2 means DP=2: each rank trains on half the completions; the logged loss is the
     # step's global value on every rank and the gradient norm equals the single-rank step's.
+    # The load-balancing loss is off: Megatron computes it per rank's micro-batch, so its
+    # gradient legitimately depends on how the tokens are split.
     for rank in ep2:
         assert rank["loss"] == pytest.approx(ep1["loss"], rel=1e-5)
         assert rank["grad_norm"] == pytest.approx(ep1["grad_norm"], rel=1e-4)
