@@ -96,8 +96,9 @@ def shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     q, k, v = (x.reshape(seq * batch, x.shape[2], dim) for x in (query, key, value))
     gqa = q.shape[1] != k.shape[1]
 
-    def gathered(x, index):  # [..., L] flat indices -> [..., heads, L, d]
-        return x[index].movedim(-3, -2)
+    def gathered(x, index):  # [N, L] flat indices -> [N, heads, L, d]; backward: index_add
+        return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:]) \
+            .movedim(-3, -2)
 
     prompt_out = F.scaled_dot_product_attention(
         gathered(q, params.prompt_tokens), gathered(k, params.prompt_tokens),

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         sync = policy_lib.sync_engine(ctx, engine)  # collective
         timer["sync"] = time.perf_counter()
         last = _log_row(step_metrics, scored, timer, sync, r)
-        last.update(perf.metrics(_trained_lengths(scored) * g.num_iterations,
+        last.update(perf.metrics(policy_lib.trained_rows(scored, g)[0] * g.num_iterations,
                                  timer["train"] - timer["logprobs"]))
         if g.eval_every and (step + 1) % g.eval_every == 0 or step + 1 == g.steps:
             last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))  # collective
@@ -245,11 +245,6 @@ def _global_tokens(batches: list) -> float:
     if dist.is_initialized():
         dist.all_reduce(local, group=ps.get_data_parallel_group())
     return max(float(local), 1.0)
-
-
-def _trained_lengths(scored) -> list[int]:
-    """Prompt + completion tokens of every sequence the step trains on (all ranks)."""
-    return [e.prompt_length + e.completion_length for e in scored.table.entries()]
 
 
 def _log_row(step_metrics, scored, timer, sync, r) -> dict:

@@ -205,17 +205,26 @@ def rollout_and_score(ctx: Context, rewards, prompts: list[dict], completions: l
                             g.advantage_scale, device=ctx.device)
     scored.metrics = {f"reward/{k}": v for k, v in scored.metrics.items()}
     dp_rank, multiple = ps.get_data_parallel_rank(), sequence_multiple(ctx.model)
-    lengths, rows = scored.table.lengths(), None
-    if g.shared_prompt:
-        rows, lengths = shared_prompt_rows(*scored.table.columns(
-            "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens,
-            multiple)
+    lengths, rows = trained_rows(scored, g, multiple)
     plan = plan_micro_batches(lengths, g.micro_batch_tokens, ps.get_data_parallel_world_size(),
                               width_multiple=multiple, rows=rows,
                               uniform=ps.get_pipeline_model_parallel_world_size() > 1)
     rows = exchange.deliver(scored, plan, dp_rank, ctx.engines, prompts, device=ctx.device)
     return scored, build_micro_batches(plan, rows, scored.stats.advantages, ctx.pad_id,
                                        g.mask_truncated_completions, dp_rank, ctx.device)
+
+
+def trained_rows(scored: ScoredRollout, g, width_multiple: int = 1
+                 ) -> tuple[list[int], list[list[int]] | None]:
+    """(tokens of each row the model trains, the completions of each row or None for one row
+    per completion) of a scored step: with grpo.shared_prompt a prompt and its completions
+    share rows (rl/experience.py). The same on every rank."""
+    if not g.shared_prompt:
+        return scored.table.lengths(), None
+    rows, lengths = shared_prompt_rows(*scored.table.columns(
+        "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens,
+        width_multiple)
+    return lengths, rows
 
 
 def data_parallel_share(count: int) -> list[int]:
