@@ -35,18 +35,23 @@ def _reference(q, k, v):
 
 
 def test_outputs_and_gradients_match_one_sequence_per_completion():
+    check_against_separate_sequences("cpu")
+
+
+def check_against_separate_sequences(device: str, tol: float = 1e-12) -> None:
+    """float64 on `device` (tests/gpu runs it on CUDA): outputs, zero padding, gradients."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(WIDTH, NUM_ROWS, HEADS, DIM, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(WIDTH, NUM_ROWS, KV_HEADS, DIM, generator=gen, dtype=torch.float64)
             for _ in range(2))
-    for x in (q, k, v):
-        x.requires_grad_(True)
-    params = shared_prompt_params(ROWS, NUM_ROWS, WIDTH)
+    q, k, v = (x.to(device).requires_grad_(True) for x in (q, k, v))
+    params = shared_prompt_params(ROWS, NUM_ROWS, WIDTH, device)
     got = shared_prompt_attention(q, k, v, params, scale=0.3).view(WIDTH, NUM_ROWS, HEADS, DIM)
     want = _reference(q, k, v)
-    weights = {key: torch.randn(HEADS, DIM, generator=gen, dtype=torch.float64) for key in want}
+    weights = {key: torch.randn(HEADS, DIM, generator=gen, dtype=torch.float64).to(device)
+               for key in want}
     for (r, s), o in want.items():
-        torch.testing.assert_close(got[s, r], o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[s, r], o, rtol=tol, atol=tol)
     real = set(want)
     pads = [(s, r) for s in range(WIDTH) for r in range(NUM_ROWS) if (r, s) not in real]
     assert all(got[s, r].abs().sum() == 0 for s, r in pads)  # padding: zero output
@@ -55,7 +60,7 @@ def test_outputs_and_gradients_match_one_sequence_per_completion():
     grads_want = torch.autograd.grad(sum((want[key] * w).sum() for key, w in weights.items()),
                                      (q, k, v))
     for g, w in zip(grads_got, grads_want):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
 def test_a_row_longer_than_the_width_is_refused():
