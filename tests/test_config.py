@@ -265,3 +265,25 @@ def test_build_validate_layout_accepts_uneven_splits_and_names_the_fields():
         validate_layout(arch, ParallelConfig(pp=2, pp_first_stage_layers=5))
     with pytest.raises(ValueError, match=r"arch.num_layers=5 is not divisible by parallel.pp=2"):
         validate_layout(arch, ParallelConfig(pp=2))
+
+
+def test_shared_prompt_needs_sdpa_and_one_stage(tmp_path):
+    """grpo.shared_prompt fails at load naming the fields when the layout cannot run it."""
+    from openr1_mega.config.schema import ModelConfig, ParallelConfig
+    from openr1_mega.config.train import GrpoConfig
+    from openr1_mega.config.validate import validate_recipe
+    from openr1_mega.models.archs import arch_config
+    from openr1_mega.models.tiny import write_tiny_model
+    from openr1_mega.train.grpo import GrpoRecipe
+
+    arch = arch_config(write_tiny_model(tmp_path / "m", "qwen2"))
+    shared = GrpoConfig(shared_prompt=True)
+    validate_recipe(GrpoRecipe(grpo=shared, model=ModelConfig(attention_backend="sdpa")), 2,
+                    arch, on_cuda=False)
+    with pytest.raises(ValueError, match=r"grpo.shared_prompt needs model.attention_backend="
+                                         r"sdpa \(got auto, which resolves to Transformer"):
+        validate_recipe(GrpoRecipe(grpo=shared), 8, arch, on_cuda=True)
+    with pytest.raises(ValueError, match=r"needs parallel.pp=1 and parallel.cp=1 \(got pp=2"):
+        validate_recipe(GrpoRecipe(grpo=shared, parallel=ParallelConfig(pp=2),
+                                   model=ModelConfig(attention_backend="sdpa")), 2, arch,
+                        on_cuda=False)
