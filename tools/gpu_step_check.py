@@ -12,8 +12,8 @@
    random tokens from a fixed seed whose "sampler" log-probs come from transformers, fixed
    rewards -> ops.grpo_advantage_stats -> rl.experience.micro_batches -> the trainer's loss
    (grpo.GrpoLoss, KL to the reference model) -> train_step. Check: the trainer's
-   log-probs match transformers' (sampler/abs_logprob_diff < 1e-4) and the grad norm is
-   finite and positive;
+   log-probs match transformers' (sampler/abs_logprob_diff < 1e-4), also with the prompts
+   shared (grpo.shared_prompt rows, forward only), and the grad norm is finite and positive;
 4. each algorithm runs `--steps` steps; the JSON reports the median time of the steps after
    the first (warm-up), the peak memory (CUDA: max_memory_allocated; CPU: VmHWM), the first
    step's metrics and the checks. Exit status 1 when a check fails.
@@ -170,6 +170,9 @@ def grpo_check(model_dir: Path, out_dir: Path, steps: int) -> dict:
     batches = micro_batches(completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id,
                             device=device)
     loss = grpo.GrpoLoss.for_step(g, r, ctx.vocab_size, len(completions), batches)
+    shared_gap = shared_prompt_gap(loss, ctx.ddp, micro_batches(
+        completions, stats.advantages, g.micro_batch_tokens, ctx.pad_id, device=device,
+        shared_prompt=True))
 
     def run_step(step: int) -> dict:
         ref = loss.logprobs(ref_model, batches)
@@ -183,7 +186,17 @@ def grpo_check(model_dir: Path, out_dir: Path, steps: int) -> dict:
     return {**summary(metrics, seconds, device), "completions": len(completions),
             "checks": {"logprobs_match_transformers":
                        first["sampler/abs_logprob_diff"] < LOGPROB_TOL,
-                       "grad_norm_positive": 0 < first["grad_norm"] < float("inf")}}
+                       "shared_prompt_logprobs_match_transformers": shared_gap < LOGPROB_TOL,
+                       "grad_norm_positive": 0 < first["grad_norm"] < float("inf")},
+            "shared_prompt_max_abs_logprob_diff": shared_gap}
+
+
+def shared_prompt_gap(loss, model, batches: list) -> float:
+    """Largest |trainer - transformers| log-prob over the completion tokens when each prompt
+    is laid out once with its completions after it (grpo.shared_prompt; forward only)."""
+    gaps = [((logp - b.sampler_logprobs).abs() * b.mask).max()
+            for b, logp in zip(batches, loss.logprobs(model, batches), strict=True)]
+    return float(torch.stack(gaps).max())
 
 
 def main(argv: list[str] | None = None) -> int:
