@@ -24,9 +24,9 @@ ENV = "OPENR1_MEGA_GRAD_CACHE"
 @pytest.fixture(autouse=True)
 def empty_cache(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    torch.ops.openr1_mega.release_grad_cache()
+    ops.release_grad_cache()
     yield
-    torch.ops.openr1_mega.release_grad_cache()
+    ops.release_grad_cache()
 
 
 def _case(seed, rows=ROWS):
@@ -73,15 +73,15 @@ def test_much_smaller_gradient_takes_a_new_buffer_and_the_larger_stays_cached():
     small = _grad(*_case(5, rows=ROWS // 4))
     assert small.data_ptr() != address
     del small
-    assert torch.ops.openr1_mega.release_grad_cache() >= big_bytes
+    assert ops.release_grad_cache() >= big_bytes
 
 
 def test_cache_off_and_release_leave_nothing_cached(monkeypatch):
     monkeypatch.setenv(ENV, "0")
     _grad(*_case(6))  # freed at once
-    assert torch.ops.openr1_mega.release_grad_cache() == 0
+    assert ops.release_grad_cache() == 0
     monkeypatch.delenv(ENV)
     grad = _grad(*_case(7))
     del grad
-    assert torch.ops.openr1_mega.release_grad_cache() > 0
-    assert torch.ops.openr1_mega.release_grad_cache() == 0
+    assert ops.release_grad_cache() > 0
+    assert ops.release_grad_cache() == 0
