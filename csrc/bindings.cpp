@@ -13,6 +13,8 @@
 //   grpo_advantage(rewards, group_index, group_size, num_groups, scale, eps, unbiased,
 //       token_index, response_mask) -> (advantages, token_advantages, group_mean, group_std,
 //       num_zero_std)
+//   release_grad_cache() -> int                          unmaps the cached gradient buffer
+//                                                        (grad_buffer.h); returns its bytes
 //   cpu_isa() -> str                                     the SIMD level the CPU kernels use now
 //                                                        (avx512 | avx2 | baseline, cpu_isa.h)
 #include <Python.h>
@@ -29,12 +31,9 @@
 #include <tuple>
 
 #include "cpu_isa.h"
+#include "grad_buffer.h"
 #include "grpo_advantage.h"
 #include "token_logprob.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #ifdef OPENR1_MEGA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -121,23 +120,21 @@ A* data_or_null(const Tensor& t, bool present) {
   return present ? t.data_ptr<A>() : nullptr;
 }
 
-// A new CPU tensor like `logits` for the gradient, advised for transparent huge pages (Linux
-// with THP in "madvise" or "always" mode; elsewhere plain): glibc serves a [N, V] gradient
-// with a fresh mmap on every backward, and first touching 600 MB in 4 KiB pages is 150,000
-// page faults, which on the 2-core machine took longer than computing the gradient.
+// A new CPU tensor like `logits` for the gradient: large ones live in a buffer of the
+// gradient cache (grad_buffer.h), given back to it when the tensor is freed; small ones come
+// from the ordinary allocator.
 Tensor empty_grad_cpu(const Tensor& logits) {
-  Tensor grad = at::empty(logits.sizes(), logits.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + grad.nbytes()) & ~(kHugePage - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: may fail
+  const auto nbytes = static_cast<size_t>(logits.numel()) * logits.element_size();
+  const GradBuffer buffer = acquire_grad_buffer(nbytes);
+  if (buffer.data == nullptr) {
+    return at::empty(logits.sizes(), logits.options());
   }
-#endif
-  return grad;
+  return at::from_blob(
+      buffer.data, logits.sizes(), [buffer](void*) { give_back_grad_buffer(buffer); },
+      logits.options());
 }
+
+int64_t release_grad_cache_op() { return static_cast<int64_t>(release_grad_cache()); }
 
 // Device backends: the same op bodies call either the OpenMP or the CUDA kernels.
 struct CpuBackend {
@@ -415,6 +412,7 @@ TORCH_LIBRARY(openr1_mega, m) {
         "str scale, float eps, bool unbiased, Tensor? token_index, Tensor? response_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &openr1_mega::cpu_isa_op);
+  m.def("release_grad_cache() -> int", &openr1_mega::release_grad_cache_op);
 }
 
 TORCH_LIBRARY_IMPL(openr1_mega, CPU, m) {

@@ -263,7 +263,10 @@ void token_logprob_forward(const T* logits, LogitsShape shape, const int64_t* ta
     const double log_s = std::log(st.s);
     const double row_lse = st.m + log_s;
     lse[r] = static_cast<A>(row_lse);
-    logp[r] = static_cast<A>(static_cast<double>(to_float(x[targets[r]]) * inv_t) - row_lse);
+    // <= 0 as every log-probability; the polynomial exp may otherwise leave a few 1e-6 above
+    // when the target is the row's max and that max first appears after the first block.
+    const double row_logp = static_cast<double>(to_float(x[targets[r]]) * inv_t) - row_lse;
+    logp[r] = static_cast<A>(std::min(row_logp, 0.0));
     if (entropy != nullptr) {
       entropy[r] = static_cast<A>(log_s - st.w / st.s);
     }

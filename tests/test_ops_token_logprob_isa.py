@@ -37,7 +37,7 @@ def level(request, monkeypatch):
 
 
 def _check_against_float64(x, t, temperature):
-    """Forward (logp, entropy) and the gradient of a mixed loss vs float64 autograd."""
+    """Forward (logp, entropy) and the gradient of a mixed loss vs float64 autograd; logp <= 0."""
     g = torch.Generator().manual_seed(3)
     g_logp, g_ent = torch.randn(x.shape[0], generator=g), torch.randn(x.shape[0], generator=g)
     xk = x.clone().requires_grad_()
@@ -49,6 +49,7 @@ def _check_against_float64(x, t, temperature):
     (ref_grad,) = torch.autograd.grad(loss64, x64)
     torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    assert (logp <= 0).all()
     assert grad.dtype == x.dtype
     torch.testing.assert_close(grad.double(), ref_grad, rtol=GRAD_RTOL[x.dtype], atol=1e-6)
 

@@ -7,6 +7,8 @@ token_logprob, forward + backward of sum(logp * g) w.r.t. bf16 logits [N, V]:
     inplace   the same with inplace_backward=True (grad written over the logits)
     kernel_avx2, inplace_avx2   (AVX-512 CPUs only) the same capped at AVX2
               (OPENR1_MEGA_CPU_ISA=avx2): the loops an AVX2-only CPU runs, timed on this CPU
+    kernel_fresh  (CPU) the kernel with the gradient cache off (OPENR1_MEGA_GRAD_CACHE=0):
+              every backward writes a fresh mapping, as the first backward of a process does
     eager     torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     compiled  torch.compile(eager)
 grpo_advantage, forward, B completions in groups of G:
@@ -20,7 +22,9 @@ shared machine's changing load hits them alike (their CPU seconds are recorded t
 Peak extra memory: the most memory in use during one run above what was in use just before
 it (inputs allocated). On CPU it is the process's resident set: the high-water mark is reset
 through /proc/self/clear_refs and VmHWM read back (exact; glibc serves these large tensors with
-mmap, so freed memory leaves the resident set at once). On CUDA: max_memory_allocated.
+mmap, so freed memory leaves the resident set at once). On CUDA: max_memory_allocated. The
+CPU gradient cache is emptied before each method's peak is taken, so a gradient counts in
+full even where the timed runs reused the cached buffer.
 "scratch" is the peak extra minus the returned bf16 grad_logits where that is a new tensor
 (every method but the in-place one must allocate it).
 The machine's limits (CPU, all threads): a STREAM-style copy of a float32 buffer half the size
@@ -54,6 +58,8 @@ from openr1_mega.ops import reference
 from openr1_mega.utils.machine import cpu_model
 
 ISA_ENV = "OPENR1_MEGA_CPU_ISA"
+GRAD_CACHE_ENV = "OPENR1_MEGA_GRAD_CACHE"
+KERNEL_METHODS = ("kernel", "inplace", "kernel_avx2", "inplace_avx2", "kernel_fresh")
 EXP_SLICE = 1 << 16  # float32 elements per torch.exp call: 256 KiB, stays in L2
 EXP_CALLS = 256
 
@@ -169,21 +175,21 @@ def measure(name: str, step, repeats: int, device: str, setup=None) -> dict:
     return {"seconds": seconds, "peak_extra_bytes": peak}
 
 
-def capped(fn, level: str | None):
-    """fn() with the kernels capped at SIMD `level` (OPENR1_MEGA_CPU_ISA), forward and backward
-    alike; None: no cap."""
+def with_env(fn, env: dict[str, str]):
+    """fn() with the environment variables `env` set (forward and backward alike), e.g. the
+    kernels capped at a SIMD level (OPENR1_MEGA_CPU_ISA); restored afterwards."""
 
     def run():
-        old = os.environ.get(ISA_ENV)
-        if level is not None:
-            os.environ[ISA_ENV] = level
+        old = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop(ISA_ENV, None)
-            else:
-                os.environ[ISA_ENV] = old
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     return run
 
@@ -197,16 +203,18 @@ def cpu_isa() -> str:
 
 
 def logprob_methods(args, logits: torch.Tensor, pristine: torch.Tensor) -> dict:
-    """Method name -> (token_logprob function, untimed setup, SIMD cap), compiled last; on an
-    AVX-512 CPU also the kernel capped at AVX2."""
-    methods = {"kernel": (ops.token_logprob, None, None),
-               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), None)}
+    """Method name -> (token_logprob function, untimed setup, environment), compiled last; on
+    an AVX-512 CPU also the kernel capped at AVX2, on CPU also with the gradient cache off."""
+    methods = {"kernel": (ops.token_logprob, None, {}),
+               "inplace": (_inplace_token_logprob, lambda: logits.detach().copy_(pristine), {})}
     if args.device == "cpu" and cpu_isa() == "avx512":
-        methods["kernel_avx2"] = (ops.token_logprob, None, "avx2")
-        methods["inplace_avx2"] = (methods["inplace"][0], methods["inplace"][1], "avx2")
-    methods["eager"] = (eager_token_logprob, None, None)
+        methods["kernel_avx2"] = (ops.token_logprob, None, {ISA_ENV: "avx2"})
+        methods["inplace_avx2"] = (methods["inplace"][0], methods["inplace"][1], {ISA_ENV: "avx2"})
+    if args.device == "cpu":
+        methods["kernel_fresh"] = (ops.token_logprob, None, {GRAD_CACHE_ENV: "0"})
+    methods["eager"] = (eager_token_logprob, None, {})
     if not args.no_compile:
-        methods["compiled"] = (torch.compile(eager_token_logprob), None, None)
+        methods["compiled"] = (torch.compile(eager_token_logprob), None, {})
     return methods
 
 
@@ -221,11 +229,11 @@ def threads_rate(fn, elements: int, repeats: int) -> float:
         torch.set_num_threads(threads)
 
 
-def in_cache_rate(logits: torch.Tensor, targets: torch.Tensor, level: str | None,
+def in_cache_rate(logits: torch.Tensor, targets: torch.Tensor, env: dict[str, str],
                   repeats: int) -> float:
     """The kernel forward's elements per second on 4 cache-resident rows (threads_rate)."""
     rows, ids = logits.detach()[:4].contiguous(), targets[:4]
-    fn = capped(lambda: [ops.token_logprob(rows, ids) for _ in range(64)], level)
+    fn = with_env(lambda: [ops.token_logprob(rows, ids) for _ in range(64)], env)
     return threads_rate(fn, 64 * rows.numel(), repeats)
 
 
@@ -247,10 +255,10 @@ def bench_token_logprob(args) -> dict:
     grad_bytes = logits.numel() * logits.element_size()
     methods = logprob_methods(args, logits, pristine)
     timed = {}
-    for name, (fn, setup, level) in methods.items():
-        timed[name] = (capped(logprob_step(fn, logits, targets, grad_out), level), setup)
-        if not name.startswith("inplace"):  # its forward is the kernel's
-            forward = capped(lambda fn=fn: fn(logits, targets), level)
+    for name, (fn, setup, env) in methods.items():
+        timed[name] = (with_env(logprob_step(fn, logits, targets, grad_out), env), setup)
+        if not name.startswith(("inplace", "kernel_fresh")):  # their forward is the kernel's
+            forward = with_env(lambda fn=fn: fn(logits, targets), env)
             timed[f"{name}.forward"] = (torch.no_grad()(forward), None)
     if args.device == "cpu":
         timed |= memory_probes(grad_bytes // 2)
@@ -258,17 +266,18 @@ def bench_token_logprob(args) -> dict:
           f"rounds of {len(timed)} timings", flush=True)
     times = round_robin(timed, args.repeats, args.device)
     results = {}
-    for name, (fn, setup, level) in methods.items():
+    for name, (fn, setup, env) in methods.items():
         r = results[name] = {"seconds": times[name][0], "cpu_seconds": times[name][1]}
         if f"{name}.forward" in times:
             r["forward_seconds"] = times[f"{name}.forward"][0]
         if setup:
             setup()
+        ops.release_grad_cache()
         r["peak_extra_bytes"] = peak_extra_bytes(timed[name][0], args.device)
         own = r["peak_extra_bytes"] - (0 if name.startswith("inplace") else grad_bytes)
         r["scratch_bytes"] = max(own, 0)  # RSS may shrink by a few pages during a run
-        if args.device == "cpu" and name.startswith("kernel"):
-            r["forward_in_cache_per_s"] = in_cache_rate(logits, targets, level, args.repeats)
+        if args.device == "cpu" and name in ("kernel", "kernel_avx2"):
+            r["forward_in_cache_per_s"] = in_cache_rate(logits, targets, env, args.repeats)
         print(f"  {name:<11} {r['seconds'] * 1e3:9.1f} ms (CPU {r['cpu_seconds'] * 1e3:7.1f} ms)"
               f"  forward {r.get('forward_seconds', math.nan) * 1e3:8.1f} ms   peak extra "
               f"{r['peak_extra_bytes'] / 2**20:7.1f} MiB", flush=True)
@@ -287,7 +296,7 @@ def bench_token_logprob(args) -> dict:
 
 def _ratios(results: dict) -> dict:
     ratios = {}
-    for ours in ("kernel", "inplace", "kernel_avx2", "inplace_avx2"):
+    for ours in KERNEL_METHODS:
         for name in ("eager", "compiled"):
             if ours in results and name in results:
                 mine, base = results[ours], results[name]
@@ -331,7 +340,7 @@ def fraction_of_bound(results: dict, nbytes: int, n_exps: int, limits: dict) -> 
     bw = limits["copy_bytes_per_s"]
     out = {"forward_bytes": nbytes, "fwd_bwd_bytes": 3 * nbytes,
            "forward_bound_seconds": nbytes / bw, "fwd_bwd_bound_seconds": 3 * nbytes / bw}
-    for name in ("kernel", "inplace", "kernel_avx2", "inplace_avx2"):
+    for name in KERNEL_METHODS:
         if name not in results:
             continue
         r = results[name]

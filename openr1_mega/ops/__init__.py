@@ -3,7 +3,8 @@
 - `grpo_advantage`, `grpo_advantage_stats`: group-relative advantages (+ per-token
   advantages, group statistics, zero-std group count).
 - `token_logprob`, `token_logprob_entropy`: per-token log-probs (and entropies) of targets
-  under softmax(logits / T), differentiable, without an fp32 [N, V] copy.
+  under softmax(logits / T), differentiable, without an fp32 [N, V] copy;
+  `release_grad_cache` unmaps the buffer their CPU backward keeps for the next gradient.
 - `vocab_parallel_token_logprob[_entropy]`: the same with the vocabulary split over
   tensor-parallel ranks.
 - `fused_linear_token_logprob[_entropy]`: from hidden states and the output weight, chunk by
@@ -24,7 +25,11 @@ from openr1_mega.ops.grpo_advantage import (
     grpo_advantage,
     grpo_advantage_stats,
 )
-from openr1_mega.ops.token_logprob import token_logprob, token_logprob_entropy
+from openr1_mega.ops.token_logprob import (
+    release_grad_cache,
+    token_logprob,
+    token_logprob_entropy,
+)
 from openr1_mega.ops.vocab_parallel import (
     vocab_parallel_token_logprob,
     vocab_parallel_token_logprob_entropy,
@@ -37,6 +42,7 @@ __all__ = [
     "grpo_advantage",
     "grpo_advantage_stats",
     "kernels_available",
+    "release_grad_cache",
     "token_logprob",
     "token_logprob_entropy",
     "vocab_parallel_token_logprob",

@@ -5,7 +5,10 @@ For logits [N, V], targets y [N] and temperature T (the sampler's), with z = log
     entropy[n] = -sum_v p[n, v] log p[n, v],   p = softmax(z[n])
 The kernel reads each row once (online max and sum-exp); backward recomputes p from the saved
 log-sum-exp and writes grad_logits = (g_logp (onehot(y) - p) - g_ent p (log p + H)) / T directly
-in the logits' dtype, so no fp32 [N, V] tensor ever exists. Outputs are float32 (float64 for
+in the logits' dtype, so no fp32 [N, V] tensor ever exists. On CPU a gradient of 16 MiB or
+more lives in a cached buffer that the next backward reuses once this one is freed (no fresh
+600 MB to fault in every step; OPENR1_MEGA_GRAD_CACHE=0 turns that off,
+`release_grad_cache()` unmaps the buffer). Outputs are float32 (float64 for
 float64 logits). Leading dimensions are allowed: logits [..., V], targets [...].
 
 Op `openr1_mega::token_logprob_fwd` (C++ schema in csrc/bindings.cpp) gets its fake kernel and
@@ -27,7 +30,7 @@ from openr1_mega.ops._checks import (
 )
 from openr1_mega.ops._extension import extension_loaded, use_kernel
 
-__all__ = ["token_logprob", "token_logprob_entropy"]
+__all__ = ["release_grad_cache", "token_logprob", "token_logprob_entropy"]
 
 
 def token_logprob(
@@ -60,6 +63,15 @@ def token_logprob_entropy(
     differentiable with respect to logits.
     """
     return _token_logprob(logits, targets, temperature, True, inplace_backward)
+
+
+def release_grad_cache() -> int:
+    """Unmaps the buffer the CPU backward keeps for the next large gradient (e.g. before a
+    phase that needs the memory, such as starting a vLLM engine); returns its size in bytes,
+    0 when none is cached or the extension is not built."""
+    if not extension_loaded():
+        return 0
+    return torch.ops.openr1_mega.release_grad_cache()
 
 
 def _token_logprob(
