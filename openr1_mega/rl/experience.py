@@ -71,6 +71,8 @@ class MicroBatchPlan:
     rows: list[list[int]]
     """Batch positions of the completions of each row (one, or a prompt's several when
     prompts are shared)."""
+    lengths: list[int]
+    """Tokens of each row before padding: what the model computes."""
     shared_prompt: bool = False
     """Rows hold one prompt and several of its completions (`shared_prompt_rows`)."""
 
@@ -136,7 +138,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int, world: int = 1
     many rows as fit the budget. Raises ValueError when a single row is longer than the
     budget.
     """
-    shared = rows is not None
+    shared, tokens = rows is not None, list(lengths)
     rows = [[k] for k in range(len(lengths))] if rows is None else rows
     lengths = [round_up(n, width_multiple) for n in lengths]
     too_long = [k for k, n in enumerate(lengths) if n > token_budget]
@@ -154,7 +156,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int, world: int = 1
     else:
         groups = _budget_groups(order, lengths, token_budget, world)
         shapes = [(-(-len(g) // world), max(lengths[j] for j in g)) for g in groups]
-    return MicroBatchPlan(groups, shapes, world, rows, shared)
+    return MicroBatchPlan(groups, shapes, world, rows, tokens, shared)
 
 
 def build_micro_batches(plan: MicroBatchPlan, rows: Mapping[int, Completion],

@@ -174,17 +174,17 @@ class RolloutEngine:
                                         [params(i) for i in indices], use_tqdm=show_progress)
         except Exception as err:  # re-raised with the batch that caused it
             raise RolloutError(describe_failure(err, prompts, indices, sampling, step)) from err
-        text = (lambda c: c.text) if detokenize else self._decoded
+        tokenizer = self.llm.get_tokenizer()
+
+        def text(c) -> str:  # as vLLM's detokenizer gives it: special tokens skipped
+            return c.text if detokenize else tokenizer.decode(list(c.token_ids),
+                                                              skip_special_tokens=True)
+
         return [Completion(prompt_index=i, prompt_ids=list(out.prompt_token_ids),
                            completion_ids=list(c.token_ids), text=text(c),
                            finish_reason=str(c.finish_reason),
                            logprobs=_sampled_logprobs(c.token_ids, c.logprobs))
                 for i, out in zip(indices, outputs) for c in out.outputs]
-
-    def _decoded(self, completion) -> str:
-        """A completion's text as vLLM's detokenizer gives it (special tokens skipped)."""
-        return self.llm.get_tokenizer().decode(list(completion.token_ids),
-                                               skip_special_tokens=True)
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Log-prob of every token after the first, under the engine's current weights.

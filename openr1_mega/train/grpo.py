@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         recipe.run.seed)
         policy_lib.release_engine(engine)  # sleeps until sync_engine wakes it
         timer["rollout"] = time.perf_counter()
-        scored, batches = policy_lib.rollout_and_score(  # collective
+        scored, plan, batches = policy_lib.rollout_and_score(  # collective
             ctx, rewards, prompts, completions, g, r)
         timer["rewards"] = time.perf_counter()
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         sync = policy_lib.sync_engine(ctx, engine)  # collective
         timer["sync"] = time.perf_counter()
         last = _log_row(step_metrics, scored, timer, sync, r)
-        last.update(perf.metrics(policy_lib.trained_rows(scored, g)[0] * g.num_iterations,
+        last.update(perf.metrics(plan.lengths * g.num_iterations,  # the rows computed
                                  timer["train"] - timer["logprobs"]))
         if g.eval_every and (step + 1) % g.eval_every == 0 or step + 1 == g.steps:
             last.update(accuracy_on(ctx, engine, rows.eval, r, recipe))  # collective

@@ -27,6 +27,7 @@ from openr1_mega.rl import exchange
 from openr1_mega.rl.engine_groups import EngineGroups
 from openr1_mega.rl.exchange import ScoredRollout
 from openr1_mega.rl.experience import (
+    MicroBatchPlan,
     build_micro_batches,
     plan_micro_batches,
     shared_prompt_rows,
@@ -194,37 +195,29 @@ def sample(ctx: Context, engine, prompts: list[dict], r, step: int, seed: int
 
 
 def rollout_and_score(ctx: Context, rewards, prompts: list[dict], completions: list[Completion],
-                      g, r) -> tuple[ScoredRollout, list]:
+                      g, r) -> tuple[ScoredRollout, MicroBatchPlan, list]:
     """Score this engine's completions where they are, then hand this data-parallel rank its
     micro-batches (rl/exchange.py: tensors only, each DP rank receives its own share).
 
     Returns (the scored step: metadata table of the whole batch, advantage stats, reward
-    metrics with a `reward/` prefix; this rank's micro-batches). Collective.
+    metrics with a `reward/` prefix; the micro-batch plan of the whole batch; this rank's
+    micro-batches). Collective.
     """
     scored = exchange.score(completions, prompts, ctx.engines, rewards, r.group_size,
                             g.advantage_scale, device=ctx.device)
     scored.metrics = {f"reward/{k}": v for k, v in scored.metrics.items()}
     dp_rank, multiple = ps.get_data_parallel_rank(), sequence_multiple(ctx.model)
-    lengths, rows = trained_rows(scored, g, multiple)
+    lengths, rows = scored.table.lengths(), None
+    if g.shared_prompt:  # a prompt and its completions share rows (rl/experience.py)
+        rows, lengths = shared_prompt_rows(*scored.table.columns(
+            "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens,
+            multiple)
     plan = plan_micro_batches(lengths, g.micro_batch_tokens, ps.get_data_parallel_world_size(),
                               width_multiple=multiple, rows=rows,
                               uniform=ps.get_pipeline_model_parallel_world_size() > 1)
-    rows = exchange.deliver(scored, plan, dp_rank, ctx.engines, prompts, device=ctx.device)
-    return scored, build_micro_batches(plan, rows, scored.stats.advantages, ctx.pad_id,
-                                       g.mask_truncated_completions, dp_rank, ctx.device)
-
-
-def trained_rows(scored: ScoredRollout, g, width_multiple: int = 1
-                 ) -> tuple[list[int], list[list[int]] | None]:
-    """(tokens of each row the model trains, the completions of each row or None for one row
-    per completion) of a scored step: with grpo.shared_prompt a prompt and its completions
-    share rows (rl/experience.py). The same on every rank."""
-    if not g.shared_prompt:
-        return scored.table.lengths(), None
-    rows, lengths = shared_prompt_rows(*scored.table.columns(
-        "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens,
-        width_multiple)
-    return lengths, rows
+    held = exchange.deliver(scored, plan, dp_rank, ctx.engines, prompts, device=ctx.device)
+    return scored, plan, build_micro_batches(plan, held, scored.stats.advantages, ctx.pad_id,
+                                             g.mask_truncated_completions, dp_rank, ctx.device)
 
 
 def data_parallel_share(count: int) -> list[int]:
