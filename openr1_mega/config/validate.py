@@ -134,8 +134,8 @@ def check_context(recipe: Any, arch: ArchConfig) -> None:
 
 
 def check_shared_prompt(parallel: Any, backend: str, use_te: bool) -> None:
-    """grpo.shared_prompt rows need an arbitrary attention mask (our SDPA attention) and one
-    activation shape per micro-batch the pipeline schedule does not fix."""
+    """grpo.shared_prompt rows need our SDPA attention (its own per-row attention layout);
+    the layout is proven without pipeline stages or context parallelism only."""
     if use_te:
         raise ValueError(f"grpo.shared_prompt needs model.attention_backend=sdpa (got "
                          f"{backend}, which resolves to Transformer Engine here)")

@@ -176,7 +176,7 @@ class RolloutEngine:
             raise RolloutError(describe_failure(err, prompts, indices, sampling, step)) from err
         tokenizer = self.llm.get_tokenizer()
 
-        def text(c) -> str:  # as vLLM's detokenizer gives it: special tokens skipped
+        def text(c) -> str:  # without stop strings: the tokens decoded once, as TRL does
             return c.text if detokenize else tokenizer.decode(list(c.token_ids),
                                                               skip_special_tokens=True)
 
