@@ -122,6 +122,19 @@ def shared_prompt_rows(prompt_indices: Sequence[int], prompt_lengths: Sequence[i
     return rows, lengths
 
 
+def training_rows(prompt_indices: Sequence[int], prompt_lengths: Sequence[int],
+                  completion_lengths: Sequence[int], token_budget: int, width_multiple: int = 1,
+                  shared_prompt: bool = False) -> tuple[list[int], list[list[int]] | None]:
+    """(tokens of each row, each row's completions) for `plan_micro_batches`: one row per
+    completion (None: the plan's default), or with `shared_prompt` the rows of
+    `shared_prompt_rows`."""
+    if not shared_prompt:
+        return [p + n for p, n in zip(prompt_lengths, completion_lengths, strict=True)], None
+    rows, lengths = shared_prompt_rows(prompt_indices, prompt_lengths, completion_lengths,
+                                       token_budget, width_multiple)
+    return lengths, rows
+
+
 def plan_micro_batches(lengths: Sequence[int], token_budget: int, world: int = 1, *,
                        width_multiple: int = 1, uniform: bool = False,
                        rows: list[list[int]] | None = None) -> MicroBatchPlan:
@@ -189,14 +202,11 @@ def micro_batches(completions: list[Completion], advantages: torch.Tensor, token
                   *, width_multiple: int = 1, uniform: bool = False, shared_prompt: bool = False,
                   device: torch.device | str = "cpu") -> list[MicroBatch]:
     """This data-parallel rank's micro-batches when every rank holds the whole batch:
-    `plan_micro_batches` over all completions (rows of `shared_prompt_rows` with
-    `shared_prompt`), then `build_micro_batches`."""
-    lengths = [len(c.prompt_ids) + len(c.completion_ids) for c in completions]
-    rows = None
-    if shared_prompt:
-        rows, lengths = shared_prompt_rows(
-            [c.prompt_index for c in completions], [len(c.prompt_ids) for c in completions],
-            [len(c.completion_ids) for c in completions], token_budget, width_multiple)
+    `plan_micro_batches` over the rows of `training_rows`, then `build_micro_batches`."""
+    lengths, rows = training_rows(
+        [c.prompt_index for c in completions], [len(c.prompt_ids) for c in completions],
+        [len(c.completion_ids) for c in completions], token_budget, width_multiple,
+        shared_prompt)
     plan = plan_micro_batches(lengths, token_budget, world, width_multiple=width_multiple,
                               uniform=uniform, rows=rows)
     return build_micro_batches(plan, dict(enumerate(completions)), advantages, pad_id,
@@ -228,7 +238,8 @@ class _Layout:
         self.positions = torch.arange(width).repeat(num_rows, 1)
         self.rows: list[tuple[int, list[int]]] = []
         """(prompt tokens, [completion tokens, ...]) of each filled row."""
-        self.completions: list[tuple[torch.Tensor, Completion]] = []
+        self.completions: list[tuple[torch.Tensor, torch.Tensor, Completion]] = []
+        """(where each token is scored, its token ids, the completion) in row order."""
 
     def add_row(self, r: int, completions: list[Completion]) -> None:
         """Row r: the prompt once, then each completion; records where each is scored."""
@@ -237,27 +248,28 @@ class _Layout:
         self.ids[r, :p] = torch.tensor(prompt)
         start = p
         for c in completions:
-            n = len(c.completion_ids)
-            self.ids[r, start:start + n] = torch.tensor(c.completion_ids, dtype=torch.long)
+            ids = torch.tensor(c.completion_ids, dtype=torch.long)
+            n = len(ids)
+            self.ids[r, start:start + n] = ids
             self.positions[r, start:start + n] = torch.arange(p, p + n)
             source = torch.arange(start - 1, start + n - 1)  # the token before each one ...
             source[:1] = p - 1  # ... the first one's is the prompt's last
-            self.completions.append((source * self.num_rows + r, c))
+            self.completions.append((source * self.num_rows + r, ids, c))
             start += n
         self.rows.append((p, [len(c.completion_ids) for c in completions]))
 
     def finish(self, advantages: torch.Tensor, index: torch.Tensor, shared_prompt: bool,
                device: torch.device | str) -> MicroBatch:
-        steps = max([len(c.completion_ids) for _, c in self.completions] + [1])
+        steps = max([len(ids) for _, ids, _ in self.completions] + [1])
         count = max(len(self.completions), 1)
         sources = torch.zeros(count, steps, dtype=torch.long)
         targets = torch.full((count, steps), self.pad_id, dtype=torch.long)
         mask = torch.zeros(count, steps)
         sampler = torch.zeros(count, steps)
-        for k, (source, c) in enumerate(self.completions):
-            n = len(c.completion_ids)
+        for k, (source, ids, c) in enumerate(self.completions):
+            n = len(ids)
             sources[k, :n] = source
-            targets[k, :n] = torch.tensor(c.completion_ids, dtype=torch.long)
+            targets[k, :n] = ids
             mask[k, :n] = 0.0 if self.mask_truncated and c.truncated else 1.0
             if c.logprobs:
                 sampler[k, :n] = torch.tensor(c.logprobs)

@@ -30,7 +30,7 @@ from openr1_mega.rl.experience import (
     MicroBatchPlan,
     build_micro_batches,
     plan_micro_batches,
-    shared_prompt_rows,
+    training_rows,
 )
 from openr1_mega.rl.rollout import EngineConfig, RolloutEngine
 from openr1_mega.rl.types import Completion, SamplingConfig
@@ -207,11 +207,9 @@ def rollout_and_score(ctx: Context, rewards, prompts: list[dict], completions: l
                             g.advantage_scale, device=ctx.device)
     scored.metrics = {f"reward/{k}": v for k, v in scored.metrics.items()}
     dp_rank, multiple = ps.get_data_parallel_rank(), sequence_multiple(ctx.model)
-    lengths, rows = scored.table.lengths(), None
-    if g.shared_prompt:  # a prompt and its completions share rows (rl/experience.py)
-        rows, lengths = shared_prompt_rows(*scored.table.columns(
-            "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens,
-            multiple)
+    lengths, rows = training_rows(*scored.table.columns(
+        "prompt_index", "prompt_length", "completion_length"), g.micro_batch_tokens, multiple,
+        g.shared_prompt)
     plan = plan_micro_batches(lengths, g.micro_batch_tokens, ps.get_data_parallel_world_size(),
                               width_multiple=multiple, rows=rows,
                               uniform=ps.get_pipeline_model_parallel_world_size() > 1)
